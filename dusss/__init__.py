@@ -1,0 +1,7 @@
+"""DuSSS: Dual Semantic Similarity-Supervised VLM for semi-supervised medical image segmentation.
+
+A thin library behind the notebooks: ``config`` (one dataclass, named profiles),
+``sss`` (Eqs. 1-5), ``losses`` (Eqs. 6-17), ``data`` (readers, generators,
+splits), ``vlm`` (Step 1), ``unet``/``ssmis`` (Step 2), ``metrics``, ``plotting``.
+"""
+__version__ = "0.1.0"

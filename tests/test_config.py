@@ -1,0 +1,104 @@
+"""The one config mechanism: profiles, overrides, type and key checking, save/load."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dusss.cli import main as cli_main
+from dusss.config import PROFILES, Config, ConfigError, make_config, parse_overrides
+
+
+def test_profile_plus_overrides_resolve_in_documented_order():
+    cfg = make_config("smoke", {"epochs": "7", "use_sss": "false"}, lr=1e-3)
+    assert cfg.profile == "smoke"
+    assert cfg.image_size == PROFILES["smoke"]["image_size"]  # from the profile
+    assert cfg.epochs == 7 and isinstance(cfg.epochs, int)  # --set text parsed to int
+    assert cfg.use_sss is False
+    assert cfg.lr == 1e-3
+    assert cfg.seed == Config().seed  # untouched default
+    # kwargs win over the overrides mapping
+    assert make_config("demo", {"ratio": "0.25"}, ratio=0.5).ratio == 0.5
+
+
+def test_demo_profile_is_the_dataclass_default():
+    assert make_config("demo") == Config()
+
+
+def test_paper_profile_has_the_paper_settings():
+    cfg = make_config("paper")
+    assert (cfg.image_size, cfg.unet_base, cfg.labeled_bs + cfg.unlabeled_bs, cfg.lr, cfg.patience) == (224, 64, 32, 3e-4, 20)
+
+
+def test_env_selects_profile(monkeypatch):
+    monkeypatch.setenv("DUSSS_PROFILE", "smoke")
+    assert make_config().profile == "smoke"
+
+
+@pytest.mark.parametrize("bad", [{"epochz": 3}, {"Ratio": 0.5}])
+def test_unknown_key_is_rejected_with_its_name(bad):
+    key = next(iter(bad))
+    with pytest.raises(ConfigError, match=f"unknown config key '{key}'"):
+        make_config("demo", bad)
+
+
+@pytest.mark.parametrize("key,value", [("epochs", 2.5), ("epochs", "two"), ("use_sss", "maybe"),
+                                       ("use_sss", 1), ("lr", "fast"), ("dataset", 3), ("epochs", True)])
+def test_wrongly_typed_value_is_rejected_with_its_name(key, value):
+    with pytest.raises(ConfigError, match=f"config key '{key}' expects"):
+        make_config("demo", **{key: value})
+
+
+def test_int_is_accepted_for_a_float_key():
+    cfg = make_config("demo", lr=1)
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+
+
+@pytest.mark.parametrize("key,value", [("ratio", 0.0), ("ratio", 1.5), ("sss_a", -1.0), ("method", "fancy"),
+                                       ("image_size", 100)])
+def test_out_of_range_values_are_rejected(key, value):
+    with pytest.raises(ConfigError, match=key):
+        make_config("demo", **{key: value})
+
+
+def test_unknown_profile_is_rejected():
+    with pytest.raises(ConfigError, match="unknown profile 'fast'"):
+        make_config("fast")
+
+
+def test_config_is_frozen():
+    with pytest.raises(Exception):
+        make_config("demo").epochs = 3  # type: ignore[misc]
+
+
+def test_save_and_load_round_trip(tmp_path):
+    cfg = make_config("smoke", ratio=0.5, method="mt")
+    path = cfg.save(tmp_path / "config.json")
+    assert json.loads(path.read_text())["ratio"] == 0.5
+    assert Config.load(path) == cfg
+
+
+def test_replace_validates():
+    cfg = make_config("smoke")
+    assert cfg.replace(epochs=3).epochs == 3 and cfg.replace(epochs=3).profile == "smoke"
+    with pytest.raises(ConfigError):
+        cfg.replace(epochs="x")
+
+
+def test_parse_overrides():
+    assert parse_overrides(["a=1", "b=x=y"]) == {"a": "1", "b": "x=y"}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["novalue"])
+
+
+def test_cli_help_lists_every_subcommand():
+    out = subprocess.run([sys.executable, "-m", "dusss", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("data", "pretrain", "ssmis", "evaluate", "bench"):
+        assert command in out
+
+
+def test_cli_rejects_bad_override_naming_the_key(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["ssmis", "--profile", "smoke", "--set", "epochz=3"])
+    assert exc.value.code == 2
+    assert "epochz" in capsys.readouterr().err
