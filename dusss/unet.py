@@ -1,0 +1,101 @@
+"""The segmentation network of Step 2: the U-Net of the LViT repository.
+
+DuSSS trains the U-Net that LViT ships (``nets/UNet.py`` there): one 3x3
+conv-BN-ReLU stem, four max-pool down blocks and four transposed-conv up blocks
+of two conv-BN-ReLU layers each, channel widths ``base x (1, 2, 4, 8, 8)``, and a
+1x1 output conv. With ``base = 64`` and one output channel it has 14,751,873
+parameters, the "14.75 M" of the paper's Table 1. Here the base width is a
+parameter (``cfg.unet_base``) so the smoke and demo profiles can run small, and
+the network returns **logits**: the losses (Eqs. 14-17) and the merge of Eq. 15
+need pre-sigmoid values, so the sigmoid is applied by whoever needs
+probabilities.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import Config
+
+__all__ = ["UNet", "build_unet", "count_parameters"]
+
+
+class _ConvBNReLU(nn.Sequential):
+    """3x3 convolution (padding 1), batch norm, ReLU: LViT's ``ConvBatchNorm``."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class _Down(nn.Sequential):
+    """2x2 max-pool, then two conv-BN-ReLU layers."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__(nn.MaxPool2d(2), _ConvBNReLU(c_in, c_out), _ConvBNReLU(c_out, c_out))
+
+
+class _Up(nn.Module):
+    """Transposed conv (x2) of the deeper map, concatenation with the skip, two conv-BN-ReLU layers.
+
+    ``c_cat`` is the channel count after concatenation; as in LViT both halves
+    have ``c_cat // 2`` channels and the transposed conv keeps its width.
+    """
+
+    def __init__(self, c_cat: int, c_out: int) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(c_cat // 2, c_cat // 2, kernel_size=2, stride=2)
+        self.convs = nn.Sequential(_ConvBNReLU(c_cat, c_out), _ConvBNReLU(c_out, c_out))
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = self.up(x)  # (B, C, 2h, 2w)
+        return self.convs(torch.cat([x, skip], dim=1))  # (B, c_out, 2h, 2w)
+
+
+class UNet(nn.Module):
+    """LViT's U-Net with a configurable base width; ``forward`` returns logits ``(B, out_channels, H, W)``.
+
+    ``base`` is the stem width (the paper and LViT use 64); the encoder widths
+    are ``base x (1, 2, 4, 8, 8)``. ``H`` and ``W`` must be multiples of 16
+    (four 2x2 poolings); a clear error says so otherwise.
+    """
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 1, base: int = 64) -> None:
+        super().__init__()
+        if base <= 0:
+            raise ValueError(f"U-Net base width must be > 0, got {base}; set config key unet_base")
+        b = base
+        self.inc = _ConvBNReLU(in_channels, b)
+        self.down1 = _Down(b, 2 * b)
+        self.down2 = _Down(2 * b, 4 * b)
+        self.down3 = _Down(4 * b, 8 * b)
+        self.down4 = _Down(8 * b, 8 * b)
+        self.up4 = _Up(16 * b, 4 * b)
+        self.up3 = _Up(8 * b, 2 * b)
+        self.up2 = _Up(4 * b, b)
+        self.up1 = _Up(2 * b, b)
+        self.outc = nn.Conv2d(b, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 16 or x.shape[-2] % 16:
+            raise ValueError(f"U-Net input side {tuple(x.shape[-2:])} must be a multiple of 16; "
+                             "set config key image_size to a multiple of 16")
+        x1 = self.inc(x)  # (B, b, H, W)
+        x2 = self.down1(x1)  # (B, 2b, H/2, W/2)
+        x3 = self.down2(x2)  # (B, 4b, H/4, W/4)
+        x4 = self.down3(x3)  # (B, 8b, H/8, W/8)
+        x5 = self.down4(x4)  # (B, 8b, H/16, W/16)
+        x = self.up4(x5, x4)  # (B, 4b, H/8, W/8)
+        x = self.up3(x, x3)  # (B, 2b, H/4, W/4)
+        x = self.up2(x, x2)  # (B, b, H/2, W/2)
+        x = self.up1(x, x1)  # (B, b, H, W)
+        return self.outc(x)  # (B, out_channels, H, W) logits
+
+
+def build_unet(cfg: Config) -> UNet:
+    """The Step-2 U-Net for ``cfg``: 3 input channels, one foreground logit, base width ``cfg.unet_base``."""
+    return UNet(in_channels=3, out_channels=1, base=cfg.unet_base)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters of ``model`` (what the paper's "Param (M)" column counts)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
