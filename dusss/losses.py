@@ -1,0 +1,368 @@
+"""Every DuSSS loss (Eqs. 6-17), the EMA update (Eq. 12) and the consistency ramp-up.
+
+Step 1 (VLM pre-training): :class:`SSSInfoNCE` (Eqs. 5-7),
+:class:`DualContrastiveLoss` (Eqs. 8-9, CMC + IMC = DCL), :class:`TextGuidedLoss`
+(Eq. 11) with :func:`mask_pool`. Step 2 (semi-supervised segmentation):
+:class:`SupervisedSegLoss` (Eq. 14), :func:`merged_target` and
+:class:`TextGuidedSemiLoss` (Eqs. 15-17), :func:`ema_update` (Eq. 12),
+:func:`sigmoid_rampup` (not in the paper).
+
+Conventions (README, "Deviations, by part"): the InfoNCE temperature is one
+learnable ``log(1/τ)`` per loss, initialised at ``τ = 0.07`` and clamped so
+``1/τ <= 100`` (CLIP); the optional ``positive_mask`` marks several positives
+per row (e.g. identical reports) and uses the multi-positive InfoNCE
+``−mean_{p ∈ P(i)} log softmax(logits_i)_p``; the segmentation "cross-entropy"
+with one foreground class is the binary cross-entropy on logits, with soft
+(probability) targets for Eqs. 15-16.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .sss import uncertain_similarity
+
+__all__ = [
+    "Embedding", "info_nce", "SSSInfoNCE", "DualContrastiveLoss", "LearnableTemperature",
+    "TextGuidedLoss", "mask_pool", "SupervisedSegLoss", "merged_target", "TextGuidedSemiLoss",
+    "ema_update", "sigmoid_rampup", "MAX_LOGIT_SCALE",
+]
+
+MAX_LOGIT_SCALE = 100.0  # 1/τ <= 100, i.e. τ >= 0.01 (CLIP's clamp)
+
+
+class Embedding(NamedTuple):
+    """One side of a contrastive pair: ``s`` (B, D) L2-normalised, ``mu``/``sigma`` (B, K) Gaussian.
+
+    ``sigma`` holds standard deviations (``exp(log_sigma)``), not variances.
+    With SSS off only ``s`` is read.
+    """
+
+    s: Tensor
+    mu: Tensor
+    sigma: Tensor
+
+
+def _check_positive_mask(mask: Tensor, logits: Tensor) -> Tensor:
+    """Validate a (B, B) boolean positive mask against square logits and return it as bool."""
+    if mask.shape != logits.shape:
+        raise ValueError(
+            f"positive_mask has shape {tuple(mask.shape)} but the similarity matrix is "
+            f"{tuple(logits.shape)}; pass a (B, B) boolean matrix, True where item i and j match"
+        )
+    mask = mask.to(device=logits.device, dtype=torch.bool)
+    if not bool(mask.any(1).all() and mask.any(0).all()):
+        raise ValueError(
+            "positive_mask has a row or column without any positive; every item must at least be its "
+            "own positive (set the diagonal to True)"
+        )
+    return mask
+
+
+def _one_way_nce(logits: Tensor, mask: Tensor | None) -> Tensor:
+    """Row-wise InfoNCE: CE with the diagonal target, or the mean over the row's positives."""
+    if mask is None:
+        target = torch.arange(logits.shape[0], device=logits.device)
+        return F.cross_entropy(logits, target)
+    log_prob = F.log_softmax(logits, dim=1)  # (B, B)
+    per_row = -(log_prob * mask).sum(1) / mask.sum(1)  # (B,)
+    return per_row.mean()
+
+
+def info_nce(logits: Tensor, positive_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Symmetric InfoNCE on a square logit matrix: returns ``(x2y, y2x)``.
+
+    ``logits[i, j]`` scores item ``i`` of side x against item ``j`` of side y;
+    ``x2y`` is the cross-entropy of each row against its positives (the
+    diagonal, or ``positive_mask``'s True entries: multi-positive InfoNCE
+    ``−mean_{p} log softmax``), ``y2x`` the same over columns (Eqs. 6-7). The
+    caller averages them (Eq. 8).
+    """
+    if logits.dim() != 2 or logits.shape[0] != logits.shape[1]:
+        raise ValueError(f"InfoNCE needs a square (B, B) logit matrix; got {tuple(logits.shape)}")
+    mask = None if positive_mask is None else _check_positive_mask(positive_mask, logits)
+    x2y = _one_way_nce(logits, mask)
+    y2x = _one_way_nce(logits.T, None if mask is None else mask.T)
+    return x2y, y2x
+
+
+class SSSInfoNCE(nn.Module):
+    """Eqs. 5-7: symmetric InfoNCE on the SSS-corrected similarity ``ŝim / τ``.
+
+    ``logits = logit_scale · ŝim(x_i, y_j)`` with ``ŝim`` from
+    :func:`dusss.sss.uncertain_similarity` (Eq. 5), or the plain cosine
+    ``s_x · s_y`` with ``use_sss=False`` (CLIP's InfoNCE). The loss is
+    ``(L^{x→y} + L^{y→x}) / 2`` (Eqs. 6-7 averaged as in Eq. 8). ``ŝim`` is
+    symmetric in its two arguments, so the y→x logits are the transpose.
+    The temperature is not owned here: ``logit_scale = 1/τ`` is passed in, so
+    CMC and IMC can share one (see :class:`DualContrastiveLoss`).
+    """
+
+    def __init__(self, *, a: float = 0.005, b: float = 4.0, lam: float = 0.2, eps: float = 1e-6,
+                 use_sss: bool = True):
+        super().__init__()
+        if not a > 0:
+            raise ValueError(f"SSS scale a = {a!r} must be > 0 (Eq. 2)")
+        if lam < 0:
+            raise ValueError(f"SSS lambda = {lam!r} must be >= 0 (Eq. 4)")
+        self.a, self.b, self.lam, self.eps, self.use_sss = a, b, lam, eps, use_sss
+
+    def similarity(self, x: Embedding, y: Embedding) -> Tensor:
+        """``ŝim`` (Eq. 5) with SSS on, the cosine ``s_x · s_y`` with it off; (B, B)."""
+        if self.use_sss:
+            return uncertain_similarity(x.s, y.s, x.mu, x.sigma, y.mu, y.sigma,
+                                        a=self.a, b=self.b, lam=self.lam, eps=self.eps)
+        return x.s @ y.s.T  # (B, B)
+
+    def forward(self, x: Embedding, y: Embedding, logit_scale: Tensor,
+                positive_mask: Tensor | None = None, return_dict: bool = False):
+        """Loss (scalar), or ``{"loss", "x2y", "y2x"}`` with ``return_dict``."""
+        if x.s.shape[0] != y.s.shape[0]:
+            raise ValueError(
+                f"InfoNCE pairs item i of x with item i of y; got {x.s.shape[0]} and {y.s.shape[0]} items"
+            )
+        logits = logit_scale * self.similarity(x, y)  # (B, B)
+        x2y, y2x = info_nce(logits, positive_mask)
+        loss = 0.5 * (x2y + y2x)
+        if return_dict:
+            return {"loss": loss, "x2y": x2y, "y2x": y2x}
+        return loss
+
+
+class LearnableTemperature(nn.Module):
+    """One learnable InfoNCE temperature, stored as ``log(1/τ)``, with ``1/τ`` clamped to <= 100.
+
+    Calling it returns ``logit_scale = 1/τ``; the clamp (CLIP's) stops the
+    temperature collapsing, and the gradient is zero while it is active.
+    """
+
+    def __init__(self, tau_init: float = 0.07):
+        super().__init__()
+        if not tau_init > 0:
+            raise ValueError(f"tau_init = {tau_init!r} must be > 0; the paper's value is 0.07")
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / tau_init)))
+
+    def forward(self) -> Tensor:
+        """``1/τ`` as a scalar tensor, at most :data:`MAX_LOGIT_SCALE`."""
+        return self.log_logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+
+
+class DualContrastiveLoss(nn.Module):
+    """Eqs. 8-9: Dual Contrastive Learning, ``w_cmc·L_cmc + w_imc·L_imc``, with SSS in each term.
+
+    ``L_cmc = ½[L^{I→T}(I1, T1) + L^{T→I}(T1, I1)]`` (Eq. 8) and
+    ``L_imc = ½[L_nce(I1, I2) + L_nce(T1, T2)]`` (Eq. 9), where each ``L_nce``
+    is the symmetric :class:`SSSInfoNCE` (for IMC the paper writes one direction;
+    the symmetric form is used for both terms, so ``L_imc`` is the same kind of
+    quantity as ``L_cmc``). One learnable temperature is shared by all terms.
+    Each term can be switched off for ablations; a term that is off is reported
+    as 0 in the returned dict (every key is always present).
+    """
+
+    def __init__(self, *, a: float = 0.005, b: float = 4.0, lam: float = 0.2, eps: float = 1e-6,
+                 use_sss: bool = True, use_cmc: bool = True, use_imc: bool = True,
+                 w_cmc: float = 1.0, w_imc: float = 1.0, tau_init: float = 0.07):
+        super().__init__()
+        if not (use_cmc or use_imc):
+            raise ValueError(
+                "DualContrastiveLoss with use_cmc=False and use_imc=False has no term to optimise; "
+                "switch at least one on (config keys use_cmc / use_imc)"
+            )
+        self.nce = SSSInfoNCE(a=a, b=b, lam=lam, eps=eps, use_sss=use_sss)
+        self.temperature = LearnableTemperature(tau_init)
+        self.use_cmc, self.use_imc = use_cmc, use_imc
+        self.w_cmc, self.w_imc = w_cmc, w_imc
+
+    @classmethod
+    def from_config(cls, cfg) -> "DualContrastiveLoss":
+        """Build from a :class:`dusss.config.Config` (``sss_*``, ``use_*``, ``w_*``, ``tau_init``)."""
+        return cls(a=cfg.sss_a, b=cfg.sss_b, lam=cfg.sss_lam, eps=cfg.sss_eps, use_sss=cfg.use_sss,
+                   use_cmc=cfg.use_cmc, use_imc=cfg.use_imc, w_cmc=cfg.w_cmc, w_imc=cfg.w_imc,
+                   tau_init=cfg.tau_init)
+
+    def forward(self, img1: Embedding, txt1: Embedding, img2: Embedding | None = None,
+                txt2: Embedding | None = None, positive_mask: Tensor | None = None) -> dict[str, Tensor]:
+        """``{"loss", "cmc", "imc", "imc_image", "imc_text", "tau"}``; ``positive_mask`` applies to every term."""
+        scale = self.temperature()
+        zero = scale.new_zeros(())
+        cmc = imc_image = imc_text = imc = zero
+        if self.use_cmc:
+            cmc = self.nce(img1, txt1, scale, positive_mask)
+        if self.use_imc:
+            if img2 is None or txt2 is None:
+                raise ValueError(
+                    "the intra-modal term (Eq. 9) needs a second view of both images and texts: pass "
+                    "img2 and txt2, or set use_imc=False"
+                )
+            imc_image = self.nce(img1, img2, scale, positive_mask)
+            imc_text = self.nce(txt1, txt2, scale, positive_mask)
+            imc = 0.5 * (imc_image + imc_text)
+        loss = self.w_cmc * cmc + self.w_imc * imc
+        return {"loss": loss, "cmc": cmc, "imc": imc, "imc_image": imc_image,
+                "imc_text": imc_text, "tau": (1.0 / scale).detach()}
+
+
+def mask_pool(features: Tensor, weights: Tensor, eps: float = 1e-6) -> Tensor:
+    """Weighted spatial average of ``features`` (B, D, H, W) under ``weights`` (B, 1, H, W) -> (B, D).
+
+    ``pooled_b = Σ_hw w_bhw · f_bhw / Σ_hw w_bhw``. Where an image's weights sum
+    to (almost) zero, e.g. an empty text-guided mask, the plain spatial mean is
+    returned instead, so the result and its gradient stay finite and meaningful.
+    Weights must be non-negative and of the features' spatial size.
+    """
+    if features.dim() != 4 or weights.dim() != 4 or weights.shape[1] != 1:
+        raise ValueError(
+            f"mask_pool expects features (B, D, H, W) and weights (B, 1, H, W); got "
+            f"{tuple(features.shape)} and {tuple(weights.shape)}"
+        )
+    if weights.shape[0] != features.shape[0] or weights.shape[2:] != features.shape[2:]:
+        raise ValueError(
+            f"weights {tuple(weights.shape)} do not match features {tuple(features.shape)}; resize the "
+            "mask to the feature map first (e.g. F.interpolate(weights, size=features.shape[-2:]))"
+        )
+    total = weights.sum(dim=(2, 3))  # (B, 1)
+    weighted = (features * weights).sum(dim=(2, 3)) / total.clamp_min(eps)  # (B, D)
+    return torch.where(total > eps, weighted, features.mean(dim=(2, 3)))  # (B, D)
+
+
+class TextGuidedLoss(nn.Module):
+    """Eq. 11: text-guided loss ``L_tg``, symmetric InfoNCE between pooled visual and text features.
+
+    ``L_tg = ½ L^{v→t} + ½ L^{t→v}`` on ``cos(v_i, t_j) / τ``, where ``v`` is the
+    visual feature pooled under the text-guided mask (see :func:`mask_pool`)
+    and ``t`` the text feature of the same image's report. Both are
+    L2-normalised here. Owns its own learnable temperature (``τ_init = 0.07``,
+    ``1/τ <= 100``); the paper uses the plain cosine (no SSS) in Eq. 11.
+    """
+
+    def __init__(self, *, tau_init: float = 0.07):
+        super().__init__()
+        self.temperature = LearnableTemperature(tau_init)
+
+    def forward(self, visual: Tensor, text: Tensor, positive_mask: Tensor | None = None) -> Tensor:
+        """Scalar loss for ``visual`` (B, D) and ``text`` (B, D) (item i of each belong together)."""
+        if visual.dim() != 2 or visual.shape != text.shape:
+            raise ValueError(
+                f"TextGuidedLoss expects visual and text of the same shape (B, D); got "
+                f"{tuple(visual.shape)} and {tuple(text.shape)}"
+            )
+        logits = self.temperature() * F.normalize(visual, dim=-1) @ F.normalize(text, dim=-1).T  # (B, B)
+        v2t, t2v = info_nce(logits, positive_mask)
+        return 0.5 * (v2t + t2v)
+
+
+def _check_seg(name: str, x: Tensor, ref: Tensor) -> None:
+    """Raise a ValueError unless ``x`` is (B, 1, H, W) like the reference logits."""
+    if ref.dim() != 4 or ref.shape[1] != 1:
+        raise ValueError(f"segmentation logits must be (B, 1, H, W) (one foreground class); got {tuple(ref.shape)}")
+    if x.shape != ref.shape:
+        raise ValueError(f"{name} has shape {tuple(x.shape)} but the logits are {tuple(ref.shape)}; they must match")
+
+
+class SupervisedSegLoss(nn.Module):
+    """Eq. 14: ``L_sup``, pixel-wise cross-entropy against the ground truth, averaged over pixels and images.
+
+    With one foreground class the cross-entropy is the binary cross-entropy on
+    logits, ``−[y log σ(z) + (1 − y) log(1 − σ(z))]``, computed stably by
+    ``F.binary_cross_entropy_with_logits``. (The authors' code uses 0.5·Dice +
+    0.5·class-balanced BCE instead; the paper's Eq. 14 is followed here.)
+    """
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Mean BCE of ``logits`` (B, 1, H, W) against ``target`` (B, 1, H, W) in {0, 1}."""
+        _check_seg("target", target, logits)
+        return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
+
+
+def merged_target(teacher_logits: Tensor, text_logits: Tensor) -> Tensor:
+    """Eq. 15's merged pseudo label ``σ(logit_teacher + logit_text)`` (probabilities, same shape).
+
+    Adding logits multiplies the two odds: the label is foreground where the
+    evidence of teacher and text together says so, and background where both
+    say background. (The authors' code adds probabilities, ``σ(p_t + p_text)``,
+    which is above 0.5 everywhere, i.e. an all-foreground label.)
+    """
+    return torch.sigmoid(teacher_logits + text_logits)
+
+
+class TextGuidedSemiLoss(nn.Module):
+    """Eqs. 15-17: ``L_semi = (L_semi^merged + L_semi^text) / 2`` on unlabelled images.
+
+    ``L_semi^merged = CE(student, σ(z_teacher + z_text))`` (Eq. 15) and
+    ``L_semi^text = CE(student, σ(z_text))`` (Eq. 16), where CE is the
+    soft-target binary cross-entropy on the student's logits, averaged over
+    pixels and images. Targets are detached: no gradient reaches the teacher or
+    the VLM. Without text logits it is the plain Mean-Teacher consistency
+    (method ``mt``): ``L_semi = L_semi^merged = CE(student, σ(z_teacher))``.
+    The soft-target CE is not zero at its minimum (it equals the targets'
+    entropy there); only its gradient, ``σ(z_student) − target``, matters.
+    """
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, text_logits: Tensor | None = None,
+                return_dict: bool = False):
+        """``L_semi`` (scalar), or ``{"semi", "merged", "text"}`` (``"text"`` is 0 without text logits)."""
+        _check_seg("teacher_logits", teacher_logits, student_logits)
+        teacher_logits = teacher_logits.detach()
+        if text_logits is None:
+            merged = F.binary_cross_entropy_with_logits(student_logits, torch.sigmoid(teacher_logits))
+            text = student_logits.new_zeros(())
+            semi = merged
+        else:
+            _check_seg("text_logits", text_logits, student_logits)
+            text_logits = text_logits.detach()
+            merged = F.binary_cross_entropy_with_logits(student_logits, merged_target(teacher_logits, text_logits))
+            text = F.binary_cross_entropy_with_logits(student_logits, torch.sigmoid(text_logits))
+            semi = 0.5 * (merged + text)
+        if return_dict:
+            return {"semi": semi, "merged": merged, "text": text}
+        return semi
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, alpha: float, step: int) -> float:
+    """Eq. 12: ``θ_t ← α θ_t + (1 − α) θ_s`` in place, with ``α_eff = min(1 − 1/(step + 1), α)``.
+
+    The ramp (SSL4MIS's) makes the teacher a plain copy at step 0 and an ever
+    longer average afterwards. Floating-point buffers (BatchNorm running
+    statistics) follow the same average; integer buffers (``num_batches_tracked``)
+    are copied. Returns ``α_eff``. Both models must have the same structure.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"EMA alpha = {alpha!r} must be in [0, 1] (Eq. 12)")
+    if step < 0:
+        raise ValueError(f"EMA step = {step!r} must be >= 0 (the number of optimiser steps taken)")
+    alpha_eff = min(1.0 - 1.0 / (step + 1), alpha)
+    for kind, t_items, s_items in (
+        ("parameters", teacher.named_parameters(), student.named_parameters()),
+        ("buffers", teacher.named_buffers(), student.named_buffers()),
+    ):
+        t_dict, s_dict = dict(t_items), dict(s_items)
+        if t_dict.keys() != s_dict.keys():
+            missing = sorted(set(t_dict) ^ set(s_dict))[:5]
+            raise ValueError(f"teacher and student {kind} differ ({missing}); build the teacher as a copy of the student")
+        for name, t in t_dict.items():
+            s = s_dict[name]
+            if t.dtype.is_floating_point:
+                t.mul_(alpha_eff).add_(s.detach(), alpha=1.0 - alpha_eff)
+            else:
+                t.copy_(s)
+    return alpha_eff
+
+
+def sigmoid_rampup(current: float, length: float) -> float:
+    """Consistency-weight ramp-up ``exp(−5 (1 − t)²)``, ``t = clip(current / length, 0, 1)``.
+
+    The paper gives no ramp-up; this is the Mean-Teacher / SSL4MIS schedule
+    (Laine & Aila 2017), usually with ``current`` in epochs. Returns 1.0 when
+    ``length == 0`` (no ramp-up).
+    """
+    if length < 0:
+        raise ValueError(f"ramp-up length = {length!r} must be >= 0 (config key rampup_epochs)")
+    if length == 0:
+        return 1.0
+    t = min(max(current / length, 0.0), 1.0)
+    return float(math.exp(-5.0 * (1.0 - t) ** 2))
