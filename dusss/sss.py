@@ -29,7 +29,7 @@ from torch import Tensor
 
 __all__ = [
     "wasserstein2", "uncertainty_level", "semantic_distance", "relative_uncertainty",
-    "sss_weight", "uncertain_similarity", "sss_terms", "SSSTerms",
+    "sss_weight", "uncertain_similarity", "sss_terms", "SSSTerms", "uncertain_similarity_from_cosine",
 ]
 
 
@@ -152,3 +152,20 @@ def uncertain_similarity(
     returns ``sim`` exactly. Defaults are ``dusss.config.Config``'s.
     """
     return sss_terms(s1, s2, mu1, sigma1, mu2, sigma2, a=a, b=b, lam=lam, eps=eps).sim_hat
+
+
+def uncertain_similarity_from_cosine(
+    sim: Tensor, d2w: Tensor, *, a: float = 0.005, b: float = 4.0, lam: float = 0.2, eps: float = 1e-6,
+) -> Tensor:
+    """Eq. 5 written in the cosine ``sim`` and ``D_2W`` alone, valid for unit-norm embeddings.
+
+    For L2-normalised ``s``, ``D_s = sqrt(2 − 2·sim)``, so ``ŝim`` depends on the
+    pair only through ``sim`` and ``D_2W`` (any broadcastable shapes). This is
+    what the notebook plots and differentiates against; it equals
+    :func:`uncertain_similarity` on unit vectors (a test checks it).
+    """
+    if sim.shape != d2w.shape:
+        sim, d2w = torch.broadcast_tensors(sim, d2w)
+    d_s = (2.0 - 2.0 * sim).clamp_min(eps * eps).sqrt()
+    d_hat_u = relative_uncertainty(uncertainty_level(d2w, a=a, b=b), d_s, eps=eps)
+    return 1.0 - (1.0 - sim) * sss_weight(d_hat_u, lam=lam)

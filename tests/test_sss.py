@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from dusss.sss import (
     relative_uncertainty, semantic_distance, sss_terms, sss_weight, uncertain_similarity,
-    uncertainty_level, wasserstein2,
+    uncertain_similarity_from_cosine, uncertainty_level, wasserstein2,
 )
 
 A, B, LAM, EPS = 0.005, 4.0, 0.2, 1e-6
@@ -165,3 +165,14 @@ def test_dtype_and_device_follow_the_inputs():
     assert out.dtype == torch.float32 and out.device == args[0].device
     meta = uncertain_similarity(*(t.to("meta") for t in args))
     assert meta.device.type == "meta" and meta.shape == (4, 3)
+
+
+def test_from_cosine_form_equals_the_embedding_form_on_unit_vectors():
+    s1, s2, mu1, sig1, mu2, sig2 = _inputs(seed=6)
+    full = uncertain_similarity(s1, s2, mu1, sig1, mu2, sig2, a=A, b=B, lam=LAM, eps=EPS)
+    short = uncertain_similarity_from_cosine(s1 @ s2.T, wasserstein2(mu1, sig1, mu2, sig2), a=A, b=B, lam=LAM, eps=EPS)
+    torch.testing.assert_close(short, full, rtol=1e-9, atol=1e-12)
+    sim = torch.tensor([1.0, 0.5], requires_grad=True)  # sim = 1: D_s = 0
+    out = uncertain_similarity_from_cosine(sim, torch.tensor(0.0))
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(sim.grad).all()
