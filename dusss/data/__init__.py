@@ -1,0 +1,28 @@
+"""Data for DuSSS: the LViT-layout reader, text from masks, embedded data sets, splits, augmentation.
+
+``LViTDataset`` reads QaTa-COV19, MoNuSeg, BM-Seg (after ``prepare``) and any
+own 2-D data in the LViT layout; ``ensure_dataset(cfg)`` makes the embedded
+``qata-synth`` and ``nuclei-real`` sets on first use; ``describe_*`` write the
+reports from masks; ``split_labeled``/``save_split``/``load_split`` give the
+published labelled subsets; ``JointAugment`` transforms image, mask, report and
+cached maps together.
+"""
+from .augment import POLICIES, JointAugment, apply_params, transform_text
+from .layout import (SPLITS, DataError, LViTDataset, Sample, load_pair, read_image, read_mask, read_text_table,
+                     scan_split, split_dir, text_file, write_text_table)
+from .prepare import EMBEDDED, REAL, default_augment, ensure_dataset, open_split, text_mode_for
+from .splits import load_split, save_split, split_labeled, split_path
+from .synth import draw_chest_xray, generate_qata_synth
+from .text import (describe_bmseg, describe_monuseg, describe_qata, flip_report, paraphrase, parse_qata,
+                   render_qata, rotate_report)
+
+__all__ = [
+    "LViTDataset", "DataError", "Sample", "SPLITS", "scan_split", "split_dir", "text_file", "read_text_table",
+    "write_text_table", "read_image", "read_mask", "load_pair",
+    "ensure_dataset", "open_split", "text_mode_for", "default_augment", "EMBEDDED", "REAL",
+    "describe_qata", "describe_monuseg", "describe_bmseg", "paraphrase", "parse_qata", "render_qata",
+    "flip_report", "rotate_report",
+    "split_labeled", "save_split", "load_split", "split_path",
+    "JointAugment", "apply_params", "transform_text", "POLICIES",
+    "generate_qata_synth", "draw_chest_xray",
+]
