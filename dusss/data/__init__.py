@@ -10,7 +10,9 @@ cached maps together.
 from .augment import POLICIES, JointAugment, apply_params, transform_text
 from .layout import (SPLITS, DataError, LViTDataset, Sample, load_pair, read_image, read_mask, read_text_table,
                      scan_split, split_dir, text_file, write_text_table)
-from .prepare import EMBEDDED, REAL, default_augment, ensure_dataset, open_split, text_mode_for
+from .nuclei import generate_nuclei_real
+from .prepare import (EMBEDDED, REAL, check_dataset, default_augment, ensure_dataset, open_split, prepare_bmseg,
+                      prepare_qata, text_mode_for)
 from .splits import load_split, save_split, split_labeled, split_path
 from .synth import draw_chest_xray, generate_qata_synth
 from .text import (describe_bmseg, describe_monuseg, describe_qata, flip_report, paraphrase, parse_qata,
@@ -20,6 +22,7 @@ __all__ = [
     "LViTDataset", "DataError", "Sample", "SPLITS", "scan_split", "split_dir", "text_file", "read_text_table",
     "write_text_table", "read_image", "read_mask", "load_pair",
     "ensure_dataset", "open_split", "text_mode_for", "default_augment", "EMBEDDED", "REAL",
+    "prepare_qata", "prepare_bmseg", "check_dataset", "generate_nuclei_real",
     "describe_qata", "describe_monuseg", "describe_bmseg", "paraphrase", "parse_qata", "render_qata",
     "flip_report", "rotate_report",
     "split_labeled", "save_split", "load_split", "split_path",

@@ -17,11 +17,17 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from ..config import Config
 from ..utils import atomic_write_json, get_logger
-from .layout import SPLITS, DataError, LViTDataset
 
-__all__ = ["EMBEDDED", "REAL", "MARKER", "TEXT_MODES", "ensure_dataset", "text_mode_for", "open_split", "default_augment"]
+from .layout import (SPLITS, DataError, LViTDataset, load_pair, read_mask, read_text_table, scan_split, split_dir,
+                     text_file, write_text_table)
+from .text import describe_bmseg, describe_qata
+
+__all__ = ["EMBEDDED", "REAL", "MARKER", "TEXT_MODES", "ensure_dataset", "text_mode_for", "open_split", "default_augment",
+           "prepare_qata", "prepare_bmseg", "check_dataset"]
 
 log = get_logger("dusss.data")
 MARKER = ".dusss_complete.json"  # written last into a generated folder
@@ -150,3 +156,174 @@ def open_split(cfg: Config, split: str, *, augment=None, preload: bool = False) 
     """``LViTDataset`` of ``split`` for a config: ensures the data, uses ``cfg.image_size`` and the set's grammar."""
     root = ensure_dataset(cfg)
     return LViTDataset(root, split, cfg.image_size, augment=augment, text_mode=text_mode_for(cfg.dataset), preload=preload)
+
+
+# ---------------------------------------------------------------- raw downloads -> LViT layout
+def _find_dir(base: Path, name: str, depth: int = 3) -> Path | None:
+    """The first folder called ``name`` (case-insensitive) at most ``depth`` levels below ``base``."""
+    frontier = [base]
+    for _ in range(depth + 1):
+        nxt = []
+        for folder in frontier:
+            if folder.name.lower() == name.lower() and folder.is_dir():
+                return folder
+            nxt += sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        frontier = nxt
+    return None
+
+
+def _copy_split(out: Path, split: str, items: list[tuple[Path, Path, str, str]]) -> int:
+    """Copy ``(image, mask, mask name, report)`` items into ``out``'s split folder and write its workbook."""
+    folder = split_dir(out, split)
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    (folder / "labelcol").mkdir(parents=True, exist_ok=True)
+    for image, mask, mask_name, _ in items:
+        shutil.copyfile(image, folder / "img" / image.name)
+        shutil.copyfile(mask, folder / "labelcol" / mask_name)
+    write_text_table(text_file(out, split), [(m, t) for _, _, m, t in items])
+    return len(items)
+
+
+def _empty_output(out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"output folder {out} is not empty; choose a new --data-root or delete it first")
+
+
+def prepare_qata(raw: str | os.PathLike, out: str | os.PathLike, text_dir: str | os.PathLike | None = None, *,
+                 seed: int = 666, val_fraction: float = 0.2) -> dict[str, int]:
+    """Turn the Kaggle ``QaTa-COV19-v2`` folders (+ LViT's text workbooks) into the LViT layout at ``out``.
+
+    ``raw`` holds ``Train Set`` and ``Test Set`` (each ``Images/`` and
+    ``Ground-truths/mask_<image>``), at any depth up to three. With
+    ``text_dir`` the reports come from LViT's ``Train_text.xlsx``,
+    ``Val_text.xlsx`` and ``Test_text.xlsx``, and LViT's own validation images
+    (the rows of ``Val_text.xlsx``) form ``Val_Folder``; without a
+    ``Val_text.xlsx`` a seeded ``val_fraction`` of the training images is held
+    out, as LViT did (80/20). Without ``text_dir`` the reports are written by
+    :func:`describe_qata` from the masks (logged, since they are not LViT's).
+    Returns the number of images per split.
+    """
+    raw, out = Path(raw), Path(out)
+    sets = {key: _find_dir(raw, name) for key, name in (("train", "Train Set"), ("test", "Test Set"))}
+    for key, folder in sets.items():
+        if folder is None:
+            raise DataError(f"no '{'Train Set' if key == 'train' else 'Test Set'}' folder under {raw}; point the "
+                            f"command at the unpacked Kaggle QaTa-COV19-v2 folder")
+        for sub in ("Images", "Ground-truths"):
+            if not (folder / sub).is_dir():
+                raise DataError(f"{folder / sub} is missing; the Kaggle QaTa-COV19-v2 download has Images/ and Ground-truths/")
+    texts: dict[str, str] = {}
+    val_names: set[str] = set()
+    if text_dir is not None:
+        text_dir = Path(text_dir)
+        for name in ("Train_text.xlsx", "Test_text.xlsx"):
+            if not (text_dir / name).is_file():
+                raise DataError(f"{text_dir / name} is missing; --text-dir must hold LViT's QaTa workbooks "
+                                f"(Train_text.xlsx, Val_text.xlsx, Test_text.xlsx)")
+            texts.update(read_text_table(text_dir / name))
+        if (text_dir / "Val_text.xlsx").is_file():
+            val_rows = read_text_table(text_dir / "Val_text.xlsx")
+            texts.update(val_rows)
+            val_names = set(val_rows)
+    else:
+        log.warning("no --text-dir: writing QaTa reports from the masks with describe_qata (not LViT's text)")
+    _empty_output(out)
+
+    def items(folder: Path) -> list[tuple[Path, Path, str, str]]:
+        found = []
+        for image in sorted(p for p in (folder / "Images").iterdir() if p.is_file()):
+            mask_name = f"mask_{image.name}"
+            mask = folder / "Ground-truths" / mask_name
+            if not mask.is_file():
+                raise DataError(f"image {image} has no mask {mask}; re-download the Kaggle archive or remove the image")
+            if text_dir is not None:
+                text = texts.get(mask_name, texts.get(image.name))
+                if text is None:
+                    raise DataError(f"image {image.name} has no row in the workbooks of {text_dir}; "
+                                    f"add a row Image={mask_name} with its Description")
+            else:
+                text = describe_qata(read_mask(mask))
+            found.append((image, mask, mask_name, text))
+        return found
+
+    train = items(sets["train"])
+    if val_names:
+        val = [it for it in train if it[2] in val_names or it[0].name in val_names]
+    else:
+        rng = np.random.default_rng(seed)
+        pick = set(rng.permutation(len(train))[: max(1, int(round(val_fraction * len(train))))].tolist())
+        val = [it for i, it in enumerate(train) if i in pick]
+    val_set = {it[2] for it in val}
+    counts = {"train": _copy_split(out, "train", [it for it in train if it[2] not in val_set]),
+              "val": _copy_split(out, "val", val),
+              "test": _copy_split(out, "test", items(sets["test"]))}
+    log.info("prepared QaTa-COV19 in %s: %s", out, counts)
+    return counts
+
+
+def prepare_bmseg(raw: str | os.PathLike, out: str | os.PathLike, *, seed: int = 666, test_fraction: float = 0.26,
+                  val_fraction: float = 0.1) -> dict[str, int]:
+    """Turn BM-Seg's ``image/``, ``lesion mask/`` folders into the LViT layout with reports from the masks.
+
+    Slices are grouped by patient (the file-name stem up to its last ``_``) and
+    whole patients go to test (``test_fraction``, DuSSS: 70 of 270 slices),
+    val (``val_fraction`` of the rest) or train, with the seed, so no patient is
+    in two splits. The ``lesion mask`` becomes ``labelcol`` (same file name);
+    reports are :func:`describe_bmseg` of it, since BM-Seg publishes no text.
+    Returns the number of images per split.
+    """
+    raw, out = Path(raw), Path(out)
+    image_dir, lesion_dir = _find_dir(raw, "image"), _find_dir(raw, "lesion mask")
+    if image_dir is None or lesion_dir is None:
+        raise DataError(f"no 'image' and 'lesion mask' folders under {raw}; point the command at the unpacked BM-Seg folder")
+    images = sorted(p for p in image_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not images:
+        raise DataError(f"{image_dir} holds no images")
+    groups: dict[str, list[Path]] = {}
+    for image in images:
+        if not (lesion_dir / image.name).is_file():
+            raise DataError(f"image {image} has no lesion mask {lesion_dir / image.name}; BM-Seg masks share the image's file name")
+        groups.setdefault(image.stem.rsplit("_", 1)[0] if "_" in image.stem else image.stem, []).append(image)
+    _empty_output(out)
+    keys = sorted(groups)
+    order = [keys[i] for i in np.random.default_rng(seed).permutation(len(keys))]
+    n_test = max(1, int(round(test_fraction * len(keys))))
+    n_val = max(1, int(round(val_fraction * (len(keys) - n_test))))
+    if len(keys) - n_test - n_val < 1:
+        raise DataError(f"{raw} has only {len(keys)} patient group(s); BM-Seg preparation needs at least 3")
+    split_of = {k: ("test" if i < n_test else "val" if i < n_test + n_val else "train") for i, k in enumerate(order)}
+    counts = {}
+    for split in ("train", "val", "test"):
+        chosen = [im for k in keys if split_of[k] == split for im in groups[k]]
+        counts[split] = _copy_split(out, split, [(im, lesion_dir / im.name, im.name,
+                                                  describe_bmseg(read_mask(lesion_dir / im.name))) for im in chosen])
+    log.info("prepared BM-Seg in %s: %s", out, counts)
+    return counts
+
+
+def check_dataset(root: str | os.PathLike, *, decode: bool = True) -> dict[str, dict[str, float]]:
+    """Validate a data folder in the LViT layout; return per split the image count, distinct reports, foreground share.
+
+    Every pairing and text rule of :func:`scan_split` is checked, and with
+    ``decode`` every image and mask is read (unreadable or empty files,
+    non-binary masks, size mismatches), so the first problem raises
+    ``DataError`` naming the file -- before any training starts.
+    """
+    from tqdm.auto import tqdm
+
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist; generate it (make-synth, make-nuclei) or prepare it")
+    report: dict[str, dict[str, float]] = {}
+    for split in SPLITS:
+        samples = scan_split(root, split)
+        fg = []
+        if decode:
+            for sample in tqdm(samples, desc=f"check {split}", leave=False):
+                _, mask = load_pair(sample)
+                fg.append(float(mask.mean()))
+        report[split] = {"images": len(samples), "distinct_reports": len({s.text for s in samples}),
+                         "foreground": sum(fg) / len(fg) if fg else float("nan"),
+                         "empty_masks": sum(f == 0 for f in fg)}
+    return report
