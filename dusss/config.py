@@ -126,15 +126,23 @@ class Config:
         return make_config(self.profile, merged, _base_is_profile=False)
 
     def resolved_data_root(self) -> Path:
-        """``data_root``, else ``$DUSSS_DATA/<dataset>``, else ``<checkout>/data/<dataset>``."""
+        """``data_root``, else ``$DUSSS_DATA/<name>``, else ``<checkout>/data/<name>``.
+
+        ``<name>`` is the dataset, with ``_<profile>`` appended for the generated
+        sets outside the demo profile (``qata-synth_smoke``), so a smoke run never
+        regenerates, under a concurrent demo run, the folder that run is reading.
+        """
         if self.data_root:
             return Path(self.data_root).expanduser()
+        name = self.dataset
+        if self.dataset in ("qata-synth", "nuclei-real") and self.profile != "demo":
+            name = f"{self.dataset}_{self.profile}"
         env = os.environ.get("DUSSS_DATA")
         if env:
-            return Path(env).expanduser() / self.dataset
+            return Path(env).expanduser() / name
         from .utils import repo_root
 
-        return repo_root() / "data" / self.dataset
+        return repo_root() / "data" / name
 
     def describe(self) -> str:
         """Aligned ``key = value`` listing, for printing at the start of a run."""
