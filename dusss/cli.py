@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         _add_config_options(p)
         if name == "data":
-            p.add_argument("action", choices=["make-synth", "make-nuclei", "prepare-qata", "prepare-bmseg", "check"],
+            p.add_argument("action", choices=["make-synth", "make-nuclei", "prepare-qata", "prepare-bmseg", "check", "gallery"],
                            help="what to do")
             p.add_argument("path", nargs="?", default=None,
                            help="data folder for 'check'; raw download folder for 'prepare-*'")

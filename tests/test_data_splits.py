@@ -45,3 +45,34 @@ def test_save_and_load_round_trip(tmp_path):
         load_split("toy", 0.25, 7, tmp_path, names=NAMES[:-1])
     with pytest.raises(DataError, match="save_split"):
         load_split("toy", 0.5, 7, tmp_path)
+
+
+def test_split_for_uses_the_published_file_and_checks_it(tmp_path, monkeypatch):
+    from dusss.config import make_config
+    from dusss.data import split_for
+
+    monkeypatch.setenv("DUSSS_SPLITS", str(tmp_path))
+    cfg = make_config("smoke", ratio=0.5, seed=3)
+    assert split_for(cfg, NAMES) == split_labeled(NAMES, 0.5, 3)  # no file: computed, nothing written
+    assert not list(tmp_path.iterdir())
+    save_split("qata-synth_smoke", NAMES[:-2] + ["x1", "x2"], 0.5, 3, directory=tmp_path)
+    with pytest.raises(DataError, match="differ"):
+        split_for(cfg, NAMES)  # a published split for other data is never silently replaced
+
+
+def test_committed_demo_splits_are_nested_and_cover_the_demo_training_sets():
+    from pathlib import Path
+
+    from dusss.config import Config
+
+    root = Path(__file__).resolve().parent.parent / "splits"
+    expected = {"qata-synth": Config().synth_train, "nuclei-real": None}
+    for dataset, n_train in expected.items():
+        q = json.loads((root / f"{dataset}_r0.25_s666.json").read_text())
+        h = json.loads((root / f"{dataset}_r0.5_s666.json").read_text())
+        full = json.loads((root / f"{dataset}_r1_s666.json").read_text())
+        assert set(q["labeled"]) < set(h["labeled"]) < set(full["labeled"])
+        assert sorted(full["labeled"]) == sorted(q["labeled"] + q["unlabeled"])
+        assert (q["labeled"], q["unlabeled"]) == split_labeled(full["labeled"], 0.25, 666)
+        if n_train is not None:
+            assert q["n_train"] == n_train

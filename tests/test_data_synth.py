@@ -75,3 +75,21 @@ def test_real_data_sets_are_checked_not_generated(tmp_path):
     with pytest.raises(DataError, match="prepare-bmseg"):
         ensure_dataset(cfg.replace(dataset="bmseg"))
     assert not (tmp_path / "nothing").exists()
+
+
+def test_generated_sets_of_other_profiles_live_in_their_own_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("DUSSS_DATA", str(tmp_path))
+    assert make_config("demo").resolved_data_root() == tmp_path / "qata-synth"
+    assert make_config("smoke").resolved_data_root() == tmp_path / "qata-synth_smoke"
+    assert make_config("smoke", dataset="nuclei-real").resolved_data_root() == tmp_path / "nuclei-real_smoke"
+    assert make_config("smoke", dataset="qata").resolved_data_root() == tmp_path / "qata"  # real data: one folder
+
+
+def test_gallery_figure_is_written_with_the_profile_tag(tmp_path, monkeypatch):
+    from dusss.data.gallery import save_gallery
+
+    monkeypatch.setenv("DUSSS_FIGURES", str(tmp_path / "fig"))
+    cfg = make_config("smoke", data_root=str(tmp_path / "qs"), synth_train=4, synth_val=1, synth_test=1, synth_size=48)
+    path = save_gallery(cfg, n=3)
+    assert path == tmp_path / "fig" / "data_qata_synth_smoke.png"
+    assert Image.open(path).size[0] > 200

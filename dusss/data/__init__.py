@@ -13,7 +13,7 @@ from .layout import (SPLITS, DataError, LViTDataset, Sample, load_pair, read_ima
 from .nuclei import generate_nuclei_real
 from .prepare import (EMBEDDED, REAL, check_dataset, default_augment, ensure_dataset, open_split, prepare_bmseg,
                       prepare_qata, text_mode_for)
-from .splits import load_split, save_split, split_labeled, split_path
+from .splits import load_split, save_split, split_for, split_labeled, split_path
 from .synth import draw_chest_xray, generate_qata_synth
 from .text import (describe_bmseg, describe_monuseg, describe_qata, flip_report, paraphrase, parse_qata,
                    render_qata, rotate_report)
@@ -25,7 +25,7 @@ __all__ = [
     "prepare_qata", "prepare_bmseg", "check_dataset", "generate_nuclei_real",
     "describe_qata", "describe_monuseg", "describe_bmseg", "paraphrase", "parse_qata", "render_qata",
     "flip_report", "rotate_report",
-    "split_labeled", "save_split", "load_split", "split_path",
+    "split_labeled", "save_split", "load_split", "split_path", "split_for",
     "JointAugment", "apply_params", "transform_text", "POLICIES",
     "generate_qata_synth", "draw_chest_xray",
 ]

@@ -4,7 +4,8 @@ Actions: ``make-synth`` (qata-synth), ``make-nuclei`` (nuclei-real),
 ``prepare-qata RAW --text-dir TEXT``, ``prepare-bmseg RAW`` (into
 ``--data-root``, else the configured folder of that data set) and
 ``check [DIR]`` (every file of every split is read; counts per split are
-printed). A data problem exits with status 1 and a message naming the file.
+printed) and ``gallery`` (``figures/data_<dataset>.png`` of the configured
+embedded set). A data problem exits with status 1 and a message naming the file.
 """
 from __future__ import annotations
 
@@ -59,6 +60,10 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         elif args.action == "check":
             root = Path(args.path).expanduser() if args.path else cfg.resolved_data_root()
             print(format_check(root, check_dataset(root)))
+        elif args.action == "gallery":
+            from .gallery import save_gallery
+
+            print(save_gallery(cfg))
         else:  # argparse restricts the choices; this guards a caller building args by hand
             raise DataError(f"unknown data action {args.action!r}")
     except DataError as exc:

@@ -17,7 +17,7 @@ import numpy as np
 from ..utils import atomic_write_json, repo_root
 from .layout import DataError
 
-__all__ = ["split_labeled", "split_path", "save_split", "load_split", "splits_dir"]
+__all__ = ["split_labeled", "split_path", "save_split", "load_split", "split_for", "splits_dir"]
 
 
 def splits_dir() -> Path:
@@ -85,3 +85,20 @@ def load_split(dataset: str, ratio: float, seed: int, directory: str | os.PathLi
         raise DataError(f"split file {path} lists {len(labelled) + len(unlabelled)} names that differ from the "
                         f"{len(names)} training images; regenerate it with save_split for this data")
     return labelled, unlabelled
+
+
+def split_for(cfg, names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The labelled/unlabelled split a run of ``cfg`` uses for the training ``names``.
+
+    The committed file ``splits/<dataset>[_<profile>]_r<ratio>_s<seed>.json``
+    when it exists (checked against ``names``: a mismatch raises, never a
+    silent re-split), else :func:`split_labeled` computed on the spot -- the
+    same result, since the split is a function of the names, ratio and seed.
+    Nothing is written here; ``save_split`` publishes a split.
+    """
+    from ..paths import tagged
+
+    key = tagged(cfg.dataset, cfg.profile)
+    if split_path(key, cfg.ratio, cfg.seed).is_file():
+        return load_split(key, cfg.ratio, cfg.seed, names=names)
+    return split_labeled(names, cfg.ratio, cfg.seed)

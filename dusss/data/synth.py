@@ -59,7 +59,7 @@ def _lung(x: np.ndarray, y: np.ndarray, medial: float, width: float, sign: int, 
     apex = top + 0.12 * np.clip(u - 0.35, 0, None) ** 2 / 0.42
     base = bottom - dome * np.sin(np.pi * np.clip(u, 0, 1)) + 0.03 * np.clip(u, 0, 1)
     d = np.minimum(np.minimum(u * width, (reach - u) * width), np.minimum(y - apex, base - y))
-    return _step(d, 0.015)
+    return _step(d, 0.03)
 
 
 def draw_chest_xray(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -83,13 +83,16 @@ def draw_chest_xray(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np
     # heart: low in the chest, mostly on the patient's left (image right)
     hx, hy = cx + rng.uniform(0.04, 0.08), bottom - rng.uniform(0.13, 0.18)
     ha, hb = rng.uniform(0.15, 0.19), rng.uniform(0.12, 0.15)
-    heart = _step(1 - np.sqrt(((x - hx) / ha) ** 2 + ((y - hy) / hb) ** 2), 0.25)
+    heart = _step(1 - np.sqrt(((x - hx) / ha) ** 2 + ((y - hy) / hb) ** 2), 0.4)
     lungs = np.maximum(r_lung, l_lung) * (1 - heart)
     vessels = _smooth_noise(rng, s, max(8, s // 12)) * np.exp(-r * 4.0)  # branching density, denser at the hila
-    img = img - lungs * (rng.uniform(0.22, 0.3) - 0.05 * vessels - 0.03 * _smooth_noise(rng, s, max(12, s // 6)))
+    # air: darkest in the middle of each lung, lighter towards the apices, bases and ribs
+    depth = np.clip(1.2 - 1.6 * np.abs(y - (top + bottom) / 2) / (bottom - top), 0.55, 1.0)
+    img = img - lungs * depth * (rng.uniform(0.22, 0.3) - 0.05 * vessels - 0.03 * _smooth_noise(rng, s, max(12, s // 6)))
     # mediastinum and spine: bright central band with vertebral segments
-    spine = _step(0.04 - r, 0.02) * (0.9 + 0.1 * np.cos(2 * np.pi * y / 0.045)) * (y > 0.04)
-    img = img + 0.12 * spine * (1 - 0.6 * lungs) + 0.08 * heart * body
+    spine = _step(0.035 - r, 0.03) * (0.85 + 0.15 * np.cos(2 * np.pi * y / 0.045))
+    mediastinum = _step(0.075 + 0.05 * np.clip((y - top) / (bottom - top), 0, 1) - r, 0.05) * (1 - lungs)
+    img = img + 0.06 * spine + 0.08 * mediastinum * body + 0.09 * heart * body
     # posterior ribs: arcs falling laterally; one periodic profile instead of a loop over ribs
     spacing = rng.uniform(0.058, 0.068)
     phase = (y - (top - 0.03) - 0.12 * r - 0.55 * r ** 2) / spacing  # rib index along the arc
@@ -137,8 +140,10 @@ def draw_chest_xray(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np
         if n == 0:
             continue
         blob = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))  # one connected opacity per draw
+        blob = ndimage.binary_fill_holes(blob) & field[win]  # no holes inside one opacity
+        core = np.clip((1.0 - np.sqrt((u / a) ** 2 + (v / b) ** 2)) / 0.5, 0.35, 1.0)  # haze fades to the border
         lesion_mask[win] |= blob
-        opacity[win] = np.maximum(opacity[win], blob * rng.uniform(0.16, 0.3) * np.clip((1.0 - d) / 0.3, 0.4, 1.0))
+        opacity[win] = np.maximum(opacity[win], blob * rng.uniform(0.16, 0.3) * core)
     texture = 0.75 + 0.25 * _smooth_noise(rng, s, max(12, s // 6))  # ground-glass mottling
     img = img + opacity * texture
     # exposure and noise
