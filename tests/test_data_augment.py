@@ -78,3 +78,21 @@ def test_new_tensors_stay_on_the_input_dtype():
     x = torch.rand(2, 1, 16, 16, dtype=torch.float64)
     out = apply_params(x, {"k": 2, "hflip": True, "angle": 5.0})
     assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
+
+
+def test_dataset_refuses_an_augmentation_its_reports_cannot_follow():
+    from pathlib import Path
+
+    from dusss.data import LViTDataset
+
+    root = Path(__file__).parent / "fixtures" / "qata_lvit"
+    with pytest.raises(DataError, match="quarter turns"):
+        LViTDataset(root, "train", 16, augment=JointAugment("lvit"), text_mode="qata")
+    with pytest.raises(DataError, match="p_flip=0"):
+        LViTDataset(root, "train", 16, augment=JointAugment("report-safe"), text_mode="none")
+    ds = LViTDataset(root, "train", 16, augment=JointAugment("report-safe", p_flip=1.0, p_rotate=0.0, seed=0))
+    plain = LViTDataset(root, "train", 16)
+    item, ref = ds[0], plain[0]
+    assert torch.equal(item["mask"], torch.flip(ref["mask"], dims=(-1,)))
+    assert item["text"] == transform_text(ref["text"], {"hflip": True}, "qata")
+    assert item["text"] == describe_qata(item["mask"][0].numpy() > 0.5)  # the report follows the flipped mask

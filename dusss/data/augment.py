@@ -114,6 +114,21 @@ class JointAugment:
         out_mask = apply_params(tv_tensors.Mask(mask), params).as_subclass(torch.Tensor)
         return out_image, out_mask, params
 
+    def check_grammar(self, grammar: str) -> None:
+        """Raise ``DataError`` now if some draw of this policy would make a ``grammar`` report false.
+
+        Called by :class:`dusss.data.LViTDataset` when it is built, so a bad
+        combination fails at once instead of inside a DataLoader worker.
+        """
+        if self.policy == "none":
+            return
+        if self.p_flip > 0 and grammar not in ("qata", "monuseg", "bmseg"):
+            raise DataError(f"augmentation {self!r} flips images, but reports of grammar {grammar!r} cannot be "
+                            f"rewritten; use JointAugment(p_flip=0) (rotations only) or a known grammar")
+        if self.policy == "lvit" and self.p_rot90 > 0 and grammar not in ("monuseg", "bmseg"):
+            raise DataError(f"augmentation {self!r} draws quarter turns, which make {grammar!r} reports false; "
+                            f"use policy='report-safe' or p_rot90=0")
+
     def transform_text(self, text: str, params: dict[str, Any], grammar: str) -> str:
         """The report of the transformed image (``ValueError`` when the policy makes it false)."""
         return transform_text(text, params, grammar)

@@ -254,7 +254,9 @@ class LViTDataset(Dataset):
     the data set is built (:func:`scan_split`); each image is decoded, checked
     and resized the first time it is read and then kept in memory as uint8, so
     later epochs never touch the disk (``preload=True`` decodes all at once,
-    which is also how ``data check`` finds every bad file). ``augment`` is a
+    which is also how ``data check`` finds every bad file). DataLoader workers
+    each fill their own copy of the cache: use ``preload=True`` before building
+    the loader, or ``persistent_workers=True``. ``augment`` is a
     :class:`dusss.data.augment.JointAugment`; the report is transformed with the
     image according to ``text_mode`` (``qata``, ``monuseg``, ``bmseg`` or
     ``none``; see :mod:`dusss.data.text`).
@@ -268,6 +270,8 @@ class LViTDataset(Dataset):
             raise DataError(f"text_mode {text_mode!r} is not one of {GRAMMARS}")
         if int(image_size) < 8:
             raise DataError(f"image_size {image_size!r} is too small; use e.g. 128 or 224")
+        if augment is not None and hasattr(augment, "check_grammar"):
+            augment.check_grammar(text_mode)
         self.root, self.split, self.image_size = Path(root), split, int(image_size)
         self.augment, self.text_mode = augment, text_mode
         samples = scan_split(self.root, split)
