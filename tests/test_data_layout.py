@@ -145,3 +145,17 @@ def test_unknown_split_and_text_mode():
         LViTDataset(FIX / "qata_lvit", "training", 16)
     with pytest.raises(DataError, match="text_mode"):
         LViTDataset(FIX / "qata_lvit", "train", 16, text_mode="radiology")
+
+
+def test_palette_images_give_colours_and_palette_masks_give_labels(qata):
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[:, :16] = (200, 30, 30)
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=4).save(_train(qata) / "img" / "covid_1.png")
+    m = np.zeros((32, 32), np.uint8)
+    m[2:10, 2:10] = 1
+    pal = Image.fromarray(m, mode="L").convert("P")
+    pal.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+    pal.save(_train(qata) / "labelcol" / "mask_covid_1.png")
+    item = LViTDataset(qata, "train", 32)[0]
+    assert abs(item["image"][0, 0, 0].item() - 200 / 255) < 0.02 and item["image"][1, 0, 0] < 0.2
+    assert item["mask"].sum() == 64

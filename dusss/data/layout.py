@@ -158,7 +158,7 @@ def scan_split(root: str | os.PathLike, split: str) -> list[Sample]:
     return samples
 
 
-def _decode(path: Path) -> np.ndarray:
+def _decode(path: Path, *, palette_to_rgb: bool = False) -> np.ndarray:
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
@@ -169,6 +169,8 @@ def _decode(path: Path) -> np.ndarray:
 
             with Image.open(path) as im:
                 im.load()
+                if im.mode == "P" and palette_to_rgb:  # palette images: colours, not indices
+                    im = im.convert("RGB")
                 arr = np.asarray(im.convert("I;16") if im.mode == "I" else im)
     except Exception as exc:  # PIL/tifffile raise many types for a broken file
         raise DataError(f"cannot read image {path}: {exc}; replace the file with a valid PNG/JPEG/TIFF") from exc
@@ -180,7 +182,7 @@ def _decode(path: Path) -> np.ndarray:
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """An image file as float32 (H, W, 3) in [0, 1]: gray replicated, alpha dropped, >8-bit data min-max scaled."""
     path = Path(path)
-    arr = _decode(path)
+    arr = _decode(path, palette_to_rgb=True)
     if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
         arr = np.moveaxis(arr, 0, -1)  # channel-first TIFF
     if arr.ndim == 3 and arr.shape[-1] == 1:
