@@ -41,3 +41,12 @@ def test_input_side_not_a_multiple_of_16_is_rejected_with_the_fix():
 def test_build_unet_uses_the_config_base_width():
     cfg = make_config("smoke")
     assert build_unet(cfg).inc[0].out_channels == cfg.unet_base
+
+
+def test_output_prior_sets_the_initial_foreground_probability():
+    torch.manual_seed(0)
+    net = UNet(base=4, prior=0.05)
+    assert torch.sigmoid(net.outc.bias).item() == pytest.approx(0.05)
+    assert build_unet(make_config("smoke", fg_prior=0.0)).outc.bias.abs().max() < 1.0  # default init: small
+    with pytest.raises(ValueError, match="fg_prior"):
+        UNet(base=4, prior=1.0)

@@ -1,0 +1,90 @@
+"""Score a segmentation model on a split: Dice and mIoU per image, as the paper reports them.
+
+:func:`evaluate_model` is what training uses every epoch (validation) and at the
+end (test, best checkpoint); :func:`evaluate_checkpoint` and ``python -m dusss
+evaluate --checkpoint PATH --split test`` score a saved ``best.pt``/``last.pt``
+and write ``eval_<split>.json`` and ``eval_<split>_per_image.csv`` beside it (or
+into ``--out``). Definitions, including the empty-mask case, are in
+:mod:`dusss.metrics`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .config import Config
+from .metrics import binarize, dice_of_masks, summarize_scores
+from .utils import atomic_write_json, get_logger, resolve_device
+
+__all__ = ["evaluate_model", "evaluate_checkpoint", "run"]
+
+log = get_logger(__name__)
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, dataset: Dataset, *, device: torch.device | str = "cpu", threshold: float = 0.5,
+                   batch_size: int = 16, progress: bool = False) -> tuple[dict[str, float], "Any"]:
+    """Per-image Dice/IoU of ``model`` (logits out) on ``dataset`` (LViT items): ``(summary, per-image DataFrame)``.
+
+    The model is put in eval mode (and left there). The summary is
+    :func:`dusss.metrics.summarize_scores` (``dice``, ``miou``, ``dice_std``,
+    ``n``); the DataFrame has one row per image: ``name``, ``dice``, ``iou``,
+    ``gt_pixels``, ``pred_pixels``.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    model.eval()
+    device = torch.device(device)
+    rows: list[dict[str, Any]] = []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+        x, y = batch["image"].to(device), batch["mask"].to(device) > 0.5  # (B, 3, H, W), (B, 1, H, W)
+        pred = binarize(model(x), threshold)  # (B, 1, H, W)
+        dice, iou = dice_of_masks(pred, y)
+        for i, name in enumerate(batch["name"]):
+            rows.append({"name": name, "dice": float(dice[i]), "iou": float(iou[i]),
+                         "gt_pixels": int(y[i].sum()), "pred_pixels": int(pred[i].sum())})
+    table = pd.DataFrame(rows, columns=["name", "dice", "iou", "gt_pixels", "pred_pixels"])
+    return summarize_scores(table["dice"], table["iou"]), table
+
+
+def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", data_root: str | Path | None = None,
+                        device: str = "auto", out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Score the student of an ssmis checkpoint on ``split``; write and return ``eval_<split>.json``.
+
+    The image size and network width come from the checkpoint's config; the
+    data folder is ``data_root`` if given, else the one the run used. Results
+    go beside the checkpoint unless ``out_dir`` is given.
+    """
+    from .data import LViTDataset
+    from .ssmis import load_student
+
+    checkpoint = Path(checkpoint)
+    model, cfg, ckpt = load_student(checkpoint, resolve_device(device))
+    root = Path(data_root) if data_root else cfg.resolved_data_root()
+    dataset = LViTDataset(root, split, cfg.image_size)
+    summary, table = evaluate_model(model, dataset, device=next(model.parameters()).device,
+                                    threshold=cfg.threshold, batch_size=cfg.labeled_bs + cfg.unlabeled_bs,
+                                    progress=True)
+    out = Path(out_dir) if out_dir else checkpoint.parent
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / f"eval_{split}_per_image.csv", index=False)
+    result = {"checkpoint": str(checkpoint), "split": split, "data_root": str(root), "method": cfg.method,
+              "ratio": cfg.ratio, "epoch": int(ckpt.get("epoch", -1)), "threshold": cfg.threshold, **summary}
+    atomic_write_json(out / f"eval_{split}.json", result)
+    return result
+
+
+def run(args, cfg: Config) -> int:
+    """``python -m dusss evaluate``: print and write Dice and mIoU of ``--checkpoint`` on ``--split``."""
+    result = evaluate_checkpoint(args.checkpoint, split=args.split, data_root=args.data_root or None,
+                                 device=cfg.device, out_dir=args.out or None)
+    print(f"{args.split}: Dice {result['dice']:.4f}  mIoU {result['miou']:.4f}  ({result['n']} images, "
+          f"{result['method']} r{result['ratio']:g}, epoch {result['epoch']}) -> "
+          f"{Path(args.out or Path(args.checkpoint).parent) / f'eval_{args.split}.json'}")
+    return 0
