@@ -57,13 +57,13 @@ class Config:
     text_max_len: int = 48  # tokens per report
     freeze_text: bool = True  # keep the text transformer frozen (embeddings cached)
     vit_patch: int = 16  # ViT patch size
-    vit_width: int = 192  # ViT hidden size
+    vit_width: int = 128  # ViT hidden size
     vit_depth: int = 4  # ViT layers
-    vit_heads: int = 3  # ViT attention heads
+    vit_heads: int = 4  # ViT attention heads
     embed_dim: int = 128  # shared embedding size (s, mu, sigma)
-    vlm_epochs: int = 20  # pre-training epochs
+    vlm_epochs: int = 15  # pre-training epochs
     vlm_batch_size: int = 32  # image-text pairs per step
-    vlm_lr: float = 3e-4  # AdamW learning rate
+    vlm_lr: float = 1e-3  # AdamW peak learning rate (3e-4 learned too little in the demo budget)
     vlm_weight_decay: float = 0.05  # AdamW weight decay
     tau_init: float = 0.07  # initial InfoNCE temperature (learnable)
     use_sss: bool = True  # Semantic Similarity-Supervision (Eqs. 1-5)
@@ -77,6 +77,14 @@ class Config:
     w_cmc: float = 1.0  # weight of L_cmc
     w_imc: float = 1.0  # weight of L_imc
     w_tg: float = 1.0  # weight of L_tg
+    vit_stem: str = "conv"  # "conv": conv stem + ViT on its map (hybrid ViT); "linear": plain patch-16 ViT
+    layout_channels: int = 8  # image embedding = [CLS] + linear map of the patch grid at this many channels; 0 = [CLS] only
+    ground_dim: int = 64  # channels of the pixel features v_f and text features t_f of Eq. 10
+    ground_hidden: int = 32  # channels inside the grounding decoder f_g
+    same_text_positive: bool = True  # identical reports in a batch count as positives, not negatives
+    ground_sup: bool = True  # extension: also supervise Eq. 10 on the LABELLED masks (split_labeled(...)[0])
+    w_ground_sup: float = 1.0  # weight of that mask supervision (BCE + soft Dice)
+    vlm_warmup: float = 1.0  # linear learning-rate warm-up (epochs), then cosine decay
     # ---- step 2: semi-supervised segmentation ----------------------------
     method: str = "dusss"  # dusss | mt | supervised
     ratio: float = 0.25  # share of labelled training images, in (0, 1]
