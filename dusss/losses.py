@@ -14,6 +14,13 @@ per row (e.g. identical reports) and uses the multi-positive InfoNCE
 ``−mean_{p ∈ P(i)} log softmax(logits_i)_p``; the segmentation "cross-entropy"
 with one foreground class is the binary cross-entropy on logits, with soft
 (probability) targets for Eqs. 15-16.
+
+Distributed runs (``torchrun``): the contrastive losses take ``gather=True`` to
+gather the embeddings of every rank (:func:`dusss.distributed.gather_with_grad`)
+before the similarity, so negatives come from the global batch; each rank then
+scores the full global matrix (open_clip's ``local_loss=False``), and a
+``positive_mask`` must cover the global batch. Without a process group
+``gather=True`` changes nothing.
 """
 from __future__ import annotations
 
@@ -24,12 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distributed import gather_with_grad
 from .sss import uncertain_similarity
 
 __all__ = [
     "Embedding", "info_nce", "SSSInfoNCE", "DualContrastiveLoss", "LearnableTemperature",
     "TextGuidedLoss", "mask_pool", "SupervisedSegLoss", "merged_target", "TextGuidedSemiLoss",
-    "ema_update", "sigmoid_rampup", "MAX_LOGIT_SCALE",
+    "ema_update", "sigmoid_rampup", "MAX_LOGIT_SCALE", "gather_embedding",
 ]
 
 MAX_LOGIT_SCALE = 100.0  # 1/τ <= 100, i.e. τ >= 0.01 (CLIP's clamp)
@@ -45,6 +53,26 @@ class Embedding(NamedTuple):
     s: Tensor
     mu: Tensor
     sigma: Tensor
+
+
+def gather_embedding(e: Embedding) -> Embedding:
+    """Every field of ``e`` gathered over ranks with :func:`dusss.distributed.gather_with_grad`: (W·B, ·).
+
+    Rank ``r``'s items become rows ``[r·B, (r+1)·B)``; gradients flow back to
+    the local rows. ``None`` fields (``mu``/``sigma`` with SSS off) stay None.
+    The identity without a process group.
+    """
+    return Embedding(*(None if t is None else gather_with_grad(t) for t in e))
+
+
+def _check_global_mask(mask: Tensor | None, n_global: int, n_local: int) -> None:
+    """With ``gather=True``, raise unless ``mask`` is None or covers the gathered (global) batch."""
+    if mask is not None and n_global != n_local and tuple(mask.shape) != (n_global, n_global):
+        raise ValueError(
+            f"positive_mask has shape {tuple(mask.shape)} but gather=True scores the global batch of {n_global} "
+            f"items ({n_local} on this rank); build the mask from the reports of every rank, e.g. "
+            "same_text_mask(dusss.distributed.all_gather_objects(texts))"
+        )
 
 
 def _check_positive_mask(mask: Tensor, logits: Tensor) -> Tensor:
@@ -99,17 +127,18 @@ class SSSInfoNCE(nn.Module):
     ``(L^{x→y} + L^{y→x}) / 2`` (Eqs. 6-7 averaged as in Eq. 8). ``ŝim`` is
     symmetric in its two arguments, so the y→x logits are the transpose.
     The temperature is not owned here: ``logit_scale = 1/τ`` is passed in, so
-    CMC and IMC can share one (see :class:`DualContrastiveLoss`).
+    CMC and IMC can share one (see :class:`DualContrastiveLoss`). With
+    ``gather=True`` both sides are gathered over ranks first (module docstring).
     """
 
     def __init__(self, *, a: float = 0.005, b: float = 4.0, lam: float = 0.2, eps: float = 1e-6,
-                 use_sss: bool = True):
+                 use_sss: bool = True, gather: bool = False):
         super().__init__()
         if not a > 0:
             raise ValueError(f"SSS scale a = {a!r} must be > 0 (Eq. 2)")
         if lam < 0:
             raise ValueError(f"SSS lambda = {lam!r} must be >= 0 (Eq. 4)")
-        self.a, self.b, self.lam, self.eps, self.use_sss = a, b, lam, eps, use_sss
+        self.a, self.b, self.lam, self.eps, self.use_sss, self.gather = a, b, lam, eps, use_sss, gather
 
     def similarity(self, x: Embedding, y: Embedding) -> Tensor:
         """``ŝim`` (Eq. 5) with SSS on, the cosine ``s_x · s_y`` with it off; (B, B)."""
@@ -125,6 +154,10 @@ class SSSInfoNCE(nn.Module):
             raise ValueError(
                 f"InfoNCE pairs item i of x with item i of y; got {x.s.shape[0]} and {y.s.shape[0]} items"
             )
+        if self.gather:
+            n_local = x.s.shape[0]
+            x, y = gather_embedding(x), gather_embedding(y)
+            _check_global_mask(positive_mask, x.s.shape[0], n_local)
         logits = logit_scale * self.similarity(x, y)  # (B, B)
         x2y, y2x = info_nce(logits, positive_mask)
         loss = 0.5 * (x2y + y2x)
@@ -160,12 +193,14 @@ class DualContrastiveLoss(nn.Module):
     the symmetric form is used for both terms, so ``L_imc`` is the same kind of
     quantity as ``L_cmc``). One learnable temperature is shared by all terms.
     Each term can be switched off for ablations; a term that is off is reported
-    as 0 in the returned dict (every key is always present).
+    as 0 in the returned dict (every key is always present). With
+    ``gather=True`` each of the four embeddings is gathered over ranks once, so
+    every term uses negatives from the global batch (module docstring).
     """
 
     def __init__(self, *, a: float = 0.005, b: float = 4.0, lam: float = 0.2, eps: float = 1e-6,
                  use_sss: bool = True, use_cmc: bool = True, use_imc: bool = True,
-                 w_cmc: float = 1.0, w_imc: float = 1.0, tau_init: float = 0.07):
+                 w_cmc: float = 1.0, w_imc: float = 1.0, tau_init: float = 0.07, gather: bool = False):
         super().__init__()
         if not (use_cmc or use_imc):
             raise ValueError(
@@ -176,18 +211,25 @@ class DualContrastiveLoss(nn.Module):
         self.temperature = LearnableTemperature(tau_init)
         self.use_cmc, self.use_imc = use_cmc, use_imc
         self.w_cmc, self.w_imc = w_cmc, w_imc
+        self.gather = gather
 
     @classmethod
-    def from_config(cls, cfg) -> "DualContrastiveLoss":
+    def from_config(cls, cfg, *, gather: bool = False) -> "DualContrastiveLoss":
         """Build from a :class:`dusss.config.Config` (``sss_*``, ``use_*``, ``w_*``, ``tau_init``)."""
         return cls(a=cfg.sss_a, b=cfg.sss_b, lam=cfg.sss_lam, eps=cfg.sss_eps, use_sss=cfg.use_sss,
                    use_cmc=cfg.use_cmc, use_imc=cfg.use_imc, w_cmc=cfg.w_cmc, w_imc=cfg.w_imc,
-                   tau_init=cfg.tau_init)
+                   tau_init=cfg.tau_init, gather=gather)
 
     def forward(self, img1: Embedding, txt1: Embedding, img2: Embedding | None = None,
                 txt2: Embedding | None = None, positive_mask: Tensor | None = None) -> dict[str, Tensor]:
         """``{"loss", "cmc", "imc", "imc_image", "imc_text", "tau"}``; ``positive_mask`` applies to every term."""
         scale = self.temperature()
+        if self.gather:
+            n_local = img1.s.shape[0]
+            img1, txt1 = gather_embedding(img1), gather_embedding(txt1)
+            img2 = None if img2 is None else gather_embedding(img2)
+            txt2 = None if txt2 is None else gather_embedding(txt2)
+            _check_global_mask(positive_mask, img1.s.shape[0], n_local)
         zero = scale.new_zeros(())
         cmc = imc_image = imc_text = imc = zero
         if self.use_cmc:
@@ -236,12 +278,14 @@ class TextGuidedLoss(nn.Module):
     visual feature pooled under the text-guided mask (see :func:`mask_pool`)
     and ``t`` the text feature of the same image's report. Both are
     L2-normalised here. Owns its own learnable temperature (``τ_init = 0.07``,
-    ``1/τ <= 100``); the paper uses the plain cosine (no SSS) in Eq. 11.
+    ``1/τ <= 100``); the paper uses the plain cosine (no SSS) in Eq. 11. With
+    ``gather=True`` both sides are gathered over ranks first (module docstring).
     """
 
-    def __init__(self, *, tau_init: float = 0.07):
+    def __init__(self, *, tau_init: float = 0.07, gather: bool = False):
         super().__init__()
         self.temperature = LearnableTemperature(tau_init)
+        self.gather = gather
 
     def forward(self, visual: Tensor, text: Tensor, positive_mask: Tensor | None = None) -> Tensor:
         """Scalar loss for ``visual`` (B, D) and ``text`` (B, D) (item i of each belong together)."""
@@ -250,6 +294,10 @@ class TextGuidedLoss(nn.Module):
                 f"TextGuidedLoss expects visual and text of the same shape (B, D); got "
                 f"{tuple(visual.shape)} and {tuple(text.shape)}"
             )
+        if self.gather:
+            n_local = visual.shape[0]
+            visual, text = gather_with_grad(visual), gather_with_grad(text)  # (W·B, D)
+            _check_global_mask(positive_mask, visual.shape[0], n_local)
         logits = self.temperature() * F.normalize(visual, dim=-1) @ F.normalize(text, dim=-1).T  # (B, B)
         v2t, t2v = info_nce(logits, positive_mask)
         return 0.5 * (v2t + t2v)
