@@ -1,0 +1,160 @@
+"""Step 2 run for real at the smoke profile: outputs, determinism, resume, baselines, CLI, text-map augmentation.
+
+The ``dusss`` runs use a VLM really pre-trained at the smoke profile (never a
+mock); everything lives in temporary folders.
+"""
+import json
+import os
+
+import pandas as pd
+import pytest
+import torch
+
+from dusss.cli import main as cli_main
+from dusss.config import make_config
+from dusss.data import JointAugment, LViTDataset
+from dusss.ssmis import FLAT_TEXT_LOGIT, _AugmentedView, load_student, train_ssmis
+
+SMOKE = dict(num_threads=1, epochs=3)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Smoke data and a smoke-pre-trained VLM in a temporary folder (both made for real)."""
+    from dusss.pretrain import pretrain
+
+    root = tmp_path_factory.mktemp("ssmis")
+    data = root / "qata-synth"
+    vlm_dir = root / "vlm"
+    pretrain(make_config("smoke", data_root=str(data), out_dir=str(vlm_dir), num_threads=1), progress=False)
+    assert (vlm_dir / "vlm.pt").is_file()
+    return {"root": root, "data": str(data), "vlm": str(vlm_dir / "vlm.pt")}
+
+
+def _cfg(env, name, **kw):
+    opts = dict(SMOKE, data_root=env["data"], vlm_checkpoint=env["vlm"], out_dir=str(env["root"] / name))
+    opts.update(kw)
+    return make_config("smoke", **opts)
+
+
+@pytest.fixture(scope="module")
+def dusss_run(env):
+    cfg = _cfg(env, "dusss-a")
+    return cfg, train_ssmis(cfg, progress=False)
+
+
+def test_dusss_run_writes_checkpoints_history_metrics_and_per_image_scores(env, dusss_run):
+    cfg, metrics = dusss_run
+    out = env["root"] / "dusss-a"
+    for name in ("config.json", "history.csv", "best.pt", "last.pt", "metrics.json", "test_per_image.csv", "split.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    for key in ("val_dice", "val_miou", "test_dice", "test_miou"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["n_labelled"] + metrics["n_unlabelled"] == cfg.synth_train
+    assert metrics["n_labelled"] == round(cfg.ratio * cfg.synth_train)
+
+    # checkpoints load with weights_only=True and hold a student whose test score is the reported one
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    assert best["epoch"] == metrics["best_epoch"]
+    last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert last["finished"] and last["epoch"] == metrics["epochs_run"]
+    model, saved_cfg, _ = load_student(out / "best.pt")
+    assert saved_cfg == cfg and not model.training
+
+    per_image = pd.read_csv(out / "test_per_image.csv")
+    assert len(per_image) == metrics["n_test"] == cfg.synth_test
+    assert per_image["dice"].mean() == pytest.approx(metrics["test_dice"])
+    assert per_image["dice"].between(0, 1).all() and per_image["iou"].le(per_image["dice"] + 1e-12).all()
+
+    # the history: one row per epoch, the supervised loss goes down, the teacher follows the student by EMA
+    history = pd.read_csv(out / "history.csv")
+    assert list(history["epoch"]) == list(range(1, metrics["epochs_run"] + 1))
+    assert history["loss_sup"].iloc[-1] < history["loss_sup"].iloc[0]
+    assert (history["loss_text"] > 0).all() and (history["loss_merged"] > 0).all()
+    # Eq. 12 with the ramp: alpha at the last step t = global_step - 1 is min(1 - 1/(t + 1), ema_alpha)
+    expected = [min(1.0 - 1.0 / s, cfg.ema_alpha) for s in history["steps"]]
+    assert history["ema_alpha"].tolist() == pytest.approx(expected)
+    t_w, s_w = last["teacher"]["outc.weight"], last["student"]["outc.weight"]
+    assert not torch.equal(t_w, s_w) and torch.allclose(t_w, s_w, atol=0.5)
+
+
+def test_pseudo_label_diagnostics_are_scores_and_a_flat_text_map_leaves_the_teacher_unchanged(env, dusss_run):
+    history = pd.read_csv(env["root"] / "dusss-a" / "history.csv")
+    for key in ("diag_teacher_dice", "diag_text_dice", "diag_merged_dice", "diag_flat_frac"):
+        assert history[key].between(0, 1).all(), key
+    flat = history[history["diag_flat_frac"] > 0]
+    # merging adds logits: |z_text| < tol moves the probability by at most tol / 4 ...
+    assert (flat["diag_flat_shift"] <= FLAT_TEXT_LOGIT / 4 + 1e-6).all()
+    # ... so the label changes only where the teacher itself is within tol of 0.5
+    assert (flat["diag_flat_agree"] > 0.9).all()
+
+
+def test_same_seed_and_settings_give_identical_numbers(env, dusss_run):
+    _, first = dusss_run
+    second = train_ssmis(_cfg(env, "dusss-b"), progress=False)
+    for key in ("val_dice", "test_dice", "test_miou", "best_epoch"):
+        assert second[key] == first[key], key
+    h1 = pd.read_csv(env["root"] / "dusss-a" / "history.csv")
+    h2 = pd.read_csv(env["root"] / "dusss-b" / "history.csv")
+    pd.testing.assert_frame_equal(h1.drop(columns="seconds"), h2.drop(columns="seconds"))
+
+
+def test_an_interrupted_run_resumes_to_the_same_numbers_and_a_finished_one_is_reused(env, dusss_run):
+    _, full = dusss_run
+    train_ssmis(_cfg(env, "dusss-resume", epochs=1), progress=False)  # "interrupted" after one epoch
+    resumed = train_ssmis(_cfg(env, "dusss-resume"), progress=False)
+    assert resumed["epochs_run"] == full["epochs_run"]
+    assert resumed["test_dice"] == full["test_dice"] and resumed["val_dice"] == full["val_dice"]
+
+    last = env["root"] / "dusss-a" / "last.pt"
+    stamp = os.stat(last).st_mtime_ns
+    again = train_ssmis(_cfg(env, "dusss-a"), progress=False)
+    assert again == full and os.stat(last).st_mtime_ns == stamp  # returned, not retrained
+
+
+def test_resume_refuses_a_folder_of_other_settings(env, dusss_run):
+    with pytest.raises(ValueError, match="other settings.*ratio"):
+        train_ssmis(_cfg(env, "dusss-a", ratio=0.5), progress=False)
+
+
+@pytest.mark.parametrize("method", ["mt", "supervised"])
+def test_baselines_share_the_loop(env, method):
+    metrics = train_ssmis(_cfg(env, method, method=method, vlm_checkpoint=""), progress=False)
+    history = pd.read_csv(env["root"] / method / "history.csv")
+    assert 0.0 <= metrics["test_dice"] <= 1.0
+    assert history["diag_text_dice"].isna().all() and (history["loss_text"] == 0).all()
+    if method == "mt":
+        assert history["diag_teacher_dice"].between(0, 1).all() and (history["loss_semi"] > 0).all()
+    else:
+        assert history["diag_teacher_dice"].isna().all() and (history["loss_semi"] == 0).all()
+
+
+def test_dusss_without_a_vlm_checkpoint_says_how_to_make_one(env):
+    with pytest.raises(FileNotFoundError, match="pretrain"):
+        train_ssmis(_cfg(env, "no-vlm", vlm_checkpoint=str(env["root"] / "missing.pt")), progress=False)
+
+
+def test_cli_evaluate_reproduces_the_test_score_of_the_best_checkpoint(env, dusss_run, capsys):
+    _, metrics = dusss_run
+    out = env["root"] / "eval"
+    rc = cli_main(["evaluate", "--profile", "smoke", "--checkpoint", str(env["root"] / "dusss-a" / "best.pt"),
+                   "--data-root", env["data"], "--split", "test", "--out", str(out)])
+    assert rc == 0 and "Dice" in capsys.readouterr().out
+    result = json.loads((out / "eval_test.json").read_text())
+    assert result["dice"] == pytest.approx(metrics["test_dice"]) and result["miou"] == pytest.approx(metrics["test_miou"])
+    assert len(pd.read_csv(out / "eval_test_per_image.csv")) == metrics["n_test"]
+
+
+def test_cached_text_map_gets_the_same_geometric_transform_as_its_image(env, dusss_run):
+    ds = LViTDataset(env["data"], "train", 64)
+    positions = [0, 1, 2, 3]
+    # a "map" that is a copy of each image's first channel must stay one under flip + rotation
+    maps = torch.stack([ds[p]["image"][:1] for p in positions])  # (4, 1, H, W)
+    aug = JointAugment("report-safe", p_flip=1.0, p_rotate=1.0, max_angle=10.0, seed=0)
+    view = _AugmentedView(ds, positions, aug, "qata", maps)
+    for i in range(len(positions)):
+        item = view[i]
+        assert item["hflip"] and item["angle"] != 0.0
+        assert torch.allclose(item["text_logits"], item["image"][:1], atol=1e-5)
+        assert ("left" in item["text"]) == ("right" in ds[positions[i]]["text"])  # the report was flipped too
