@@ -61,7 +61,7 @@ class Config:
     vit_depth: int = 4  # ViT layers
     vit_heads: int = 4  # ViT attention heads
     embed_dim: int = 128  # shared embedding size (s, mu, sigma)
-    vlm_epochs: int = 15  # pre-training epochs
+    vlm_epochs: int = 20  # pre-training epochs
     vlm_batch_size: int = 32  # image-text pairs per step
     vlm_lr: float = 1e-3  # AdamW peak learning rate (3e-4 learned too little in the demo budget)
     vlm_weight_decay: float = 0.05  # AdamW weight decay
@@ -83,7 +83,7 @@ class Config:
     ground_hidden: int = 32  # channels inside the grounding decoder f_g
     same_text_positive: bool = True  # identical reports in a batch count as positives, not negatives
     ground_sup: bool = True  # extension: also supervise Eq. 10 on the LABELLED masks (split_labeled(...)[0])
-    w_ground_sup: float = 1.0  # weight of that mask supervision (BCE + soft Dice)
+    w_ground_sup: float = 4.0  # weight of that mask supervision (BCE + soft Dice); 1.0 learned grounding too slowly
     vlm_warmup: float = 1.0  # linear learning-rate warm-up (epochs), then cosine decay
     # ---- step 2: semi-supervised segmentation ----------------------------
     method: str = "dusss"  # dusss | mt | supervised

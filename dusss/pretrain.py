@@ -202,25 +202,36 @@ def evaluate_vlm(model: DuSSSVLM, loader: DataLoader, refs: MaskReferences, cfg:
 
 # ---------------------------------------------------------------- data
 def _datasets(cfg: Config):
-    """Train/val/test datasets of ``cfg.dataset`` (generated on first use, decoded once) and the labelled names.
+    """Datasets of ``cfg.dataset`` (generated on first use, decoded once) and the labelled training names.
 
-    The labelled names are :func:`dusss.data.split_for` -- the split Step 2
-    uses, i.e. ``split_labeled(train_names, cfg.ratio, cfg.seed)[0]`` unless a
-    committed split file says the same in a file -- and are empty when
-    ``ground_sup`` is off. No augmentation: a flip or turn would have to
-    rewrite the report, and the photometric second view is made per batch.
+    Returns ``(train, train_plain, val, test, labelled)``: ``train`` carries
+    the data issue's report-safe joint augmentation when ``cfg.augment`` is on
+    (a flip rewrites "left"/"right" in the report, so image, mask and text stay
+    true together); ``train_plain`` is the same split unaugmented, for the
+    references. The labelled names are :func:`dusss.data.split_for` -- the
+    split Step 2 uses, i.e. ``split_labeled(train_names, cfg.ratio,
+    cfg.seed)[0]`` -- and are empty when ``ground_sup`` is off.
     """
-    from .data import open_split, split_for
+    from .data import default_augment, open_split, split_for
 
-    train, val, test = (open_split(cfg, split, preload=True) for split in ("train", "val", "test"))
+    train = open_split(cfg, "train", augment=default_augment(cfg), preload=True)
+    train_plain, val, test = (open_split(cfg, split, preload=True) for split in ("train", "val", "test"))
     labelled = set(split_for(cfg, train.names)[0]) if cfg.ground_sup else set()
-    return train, val, test, labelled
+    return train, train_plain, val, test, labelled
 
 
-def _paraphrases(texts: Sequence[str], seed: int) -> dict[str, list[str]]:
-    from .data import paraphrase
+class _Paraphrases(dict):
+    """Report -> its paraphrases (:func:`dusss.data.paraphrase`), filled on first use (augmented reports too)."""
 
-    return {t: list(paraphrase(t, N_PARAPHRASES, seed)) for t in sorted(set(texts))}
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.seed = seed
+
+    def __missing__(self, text: str) -> list[str]:
+        from .data import paraphrase
+
+        value = self[text] = list(paraphrase(text, N_PARAPHRASES, self.seed))
+        return value
 
 
 def _all_masks_texts(dataset) -> tuple[torch.Tensor, list[str]]:
@@ -347,13 +358,13 @@ def pretrain(cfg: Config, *, progress: bool = True) -> dict[str, float]:
     log.info("pre-training the DuSSS VLM (%s) into %s on %s\n%s", cfg.profile, out, device, cfg.describe())
     t_start = time.perf_counter()
 
-    train, val, test, labelled_names = _datasets(cfg)
+    train, train_plain, val, test, labelled_names = _datasets(cfg)
     model = DuSSSVLM.from_config(cfg).to(device)
     objective = _Objective(cfg).to(device)
-    train_masks, train_texts = _all_masks_texts(train)
-    paraphrased = _paraphrases(train_texts, cfg.seed)
+    train_masks, train_texts = _all_masks_texts(train_plain)
+    paraphrased = _Paraphrases(cfg.seed)
     refs = MaskReferences(train_masks, train_texts)
-    model.text_encoder.precompute([t for ts in paraphrased.values() for t in ts] + list(paraphrased))
+    model.text_encoder.precompute([p for t in sorted(set(train_texts)) for p in paraphrased[t]] + train_texts)
     model.text_encoder.precompute(_all_masks_texts(val)[1] + _all_masks_texts(test)[1])
 
     params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
