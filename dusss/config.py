@@ -104,6 +104,7 @@ class Config:
     diag_images: int = 64  # Step 2: unlabelled images whose pseudo labels are scored each epoch (0 = all)
     resume: bool = True  # Step 2: continue from last.pt in the output folder (False: start afresh)
     fg_prior: float = 0.05  # Step 2: initial foreground probability of the U-Net output (bias = logit); 0 = off
+    steps_per_epoch: int = 60  # Step 2: at least this many steps per epoch (0 = one pass over the longer stream)
     out_dir: str = ""  # "" = runs/<command>/<dataset>/...
 
     # ------------------------------------------------------------------
@@ -170,14 +171,14 @@ PROFILES: dict[str, dict[str, Any]] = {
         image_size=64, synth_train=48, synth_val=16, synth_test=16, synth_size=128,
         nuclei_patch=128, vit_width=64, vit_depth=1, vit_heads=2, embed_dim=32,
         text_max_len=32, vlm_epochs=2, vlm_batch_size=8, unet_base=4, epochs=2,
-        labeled_bs=4, unlabeled_bs=4, patience=2, rampup_epochs=1.0,
+        labeled_bs=4, unlabeled_bs=4, patience=2, rampup_epochs=1.0, steps_per_epoch=0,
     ),
     "demo": dict(),
     "paper": dict(
         image_size=224, synth_train=5716, synth_val=1429, synth_test=2113, synth_size=512,
         vit_width=768, vit_depth=12, vit_heads=12, embed_dim=256, vlm_epochs=50,
         vlm_batch_size=32, unet_base=64, epochs=200, labeled_bs=16, unlabeled_bs=16,
-        lr=3e-4, patience=20, rampup_epochs=40.0, num_workers=4,
+        lr=3e-4, patience=20, rampup_epochs=40.0, num_workers=4, steps_per_epoch=0,
     ),
 }
 
@@ -281,6 +282,7 @@ def _check_ranges(cfg: Config) -> None:
         ("threshold", 0.0 < cfg.threshold < 1.0, "must be in (0, 1)"),
         ("diag_images", cfg.diag_images >= 0, "must be >= 0 (0 = every unlabelled image)"),
         ("fg_prior", 0.0 <= cfg.fg_prior < 1.0, "must be in [0, 1) (0 = PyTorch's default output bias)"),
+        ("steps_per_epoch", cfg.steps_per_epoch >= 0, "must be >= 0 (0 = one pass over the longer stream)"),
     ]
     for key in ("epochs", "vlm_epochs", "labeled_bs", "unlabeled_bs", "vlm_batch_size", "unet_base",
                 "vit_width", "vit_depth", "vit_heads", "embed_dim", "vit_patch", "patience"):

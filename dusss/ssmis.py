@@ -11,9 +11,12 @@ One training loop serves the three methods (``cfg.method``):
 - ``mt``: the same loop without text: ``L_semi = CE(student, sigmoid(z_teacher))``.
 - ``supervised``: labelled images only (the same number of steps per epoch).
 
-Labelled and unlabelled images come as two shuffled streams; an epoch is one
-pass over the longer stream, so **every** unlabelled image is used every epoch
-(the authors' loader only ever used the first ``N_labelled`` of them). Because
+Labelled and unlabelled images come as two shuffled streams; an epoch is at
+least one pass over the longer stream, so **every** unlabelled image is used
+every epoch (the authors' loader only ever used the first ``N_labelled`` of
+them); ``steps_per_epoch`` can ask for more steps so that runs at different
+label ratios get the same step budget, and ``supervised`` takes the same number
+of steps as the semi-supervised methods at its ratio. Because
 the VLM is frozen, each unlabelled image's text-guided logits are computed once,
 from the un-augmented image and its report, and the image's geometric
 augmentation is applied to the cached map (``text_cache=True``; the on-the-fly
@@ -37,6 +40,7 @@ gain, and the test split is scored with the best checkpoint.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -263,6 +267,14 @@ def _pseudo_label_diagnostics(teacher: nn.Module, dataset: Dataset, positions: l
 
 
 # ---------------------------------------------------------------------------- checkpoints
+def _vlm_digest(cfg: Config) -> str:
+    """Short SHA-256 of the VLM file a ``dusss`` run uses ("" otherwise), so a re-trained VLM is never reused silently."""
+    path = Path(default_vlm_checkpoint(cfg))
+    if cfg.method != "dusss" or not path.is_file():
+        return ""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def _check_resumable(saved: dict, cfg: Config, path: Path) -> None:
     now = cfg.to_dict()
     diff = sorted(k for k in now if k not in _RESUME_FREE_KEYS and saved.get(k) != now[k])
@@ -319,9 +331,14 @@ def train_ssmis(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     last_path, best_path, metrics_path = out / "last.pt", out / "best.pt", out / "metrics.json"
 
     state = None
+    digest = _vlm_digest(cfg)
     if cfg.resume and last_path.is_file():
         state = load_checkpoint(last_path)
         _check_resumable(state["config"], cfg, last_path)
+        if state.get("vlm_digest", "") != digest:
+            log.warning("the VLM checkpoint changed since %s was written; training afresh", last_path)
+            state = None
+    if state is not None:
         if state["finished"] and metrics_path.is_file() and (state["stopped_early"] or state["epoch"] >= cfg.epochs):
             import json
 
@@ -361,7 +378,9 @@ def train_ssmis(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
                          shuffle=True, generator=lab_gen)
     unl_loader = _loader(_AugmentedView(data.train, unl_pos, unl_aug, data.text_mode, unl_maps), cfg.unlabeled_bs,
                          cfg, shuffle=True, generator=unl_gen) if semi else None
-    steps = max(math.ceil(len(lab_pos) / cfg.labeled_bs), math.ceil(len(unl_pos) / cfg.unlabeled_bs))
+    # one pass over the longer stream, or more (cfg.steps_per_epoch) so every ratio gets the same step budget
+    steps = max(math.ceil(len(lab_pos) / cfg.labeled_bs), math.ceil(len(unl_pos) / cfg.unlabeled_bs),
+                cfg.steps_per_epoch)
     eval_bs = cfg.labeled_bs + cfg.unlabeled_bs
 
     history: list[dict] = []
@@ -388,6 +407,7 @@ def train_ssmis(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
             "teacher": teacher.state_dict() if semi else {}, "optimizer": optimizer.state_dict(),
             "epoch": epoch, "global_step": global_step, "best_dice": best_dice, "best_epoch": best_epoch,
             "bad_epochs": bad_epochs, "stopped_early": stopped_early, "finished": finished, "history": history,
+            "vlm_digest": digest,
             "rng": {"torch": torch.get_rng_state(), "lab_gen": lab_gen.get_state(), "unl_gen": unl_gen.get_state(),
                     "lab_aug": lab_aug.generator.get_state(), "unl_aug": unl_aug.generator.get_state()},
         }
@@ -474,7 +494,7 @@ def train_ssmis(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         "diag_best": {k: best_row[k] for k in best_row if k.startswith("diag_")},
         "diag_last": {k: history[-1][k] for k in history[-1] if k.startswith("diag_")},
         "train_seconds": float(sum(r["seconds"] for r in history)), "text_cache_seconds": cache_seconds,
-        "text_cache": cfg.text_cache, "out_dir": str(out),
+        "text_cache": cfg.text_cache, "vlm_digest": digest, "steps_per_epoch": steps, "out_dir": str(out),
     }
     atomic_torch_save(snapshot(finished=True), last_path)
     atomic_write_json(metrics_path, metrics)

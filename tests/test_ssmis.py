@@ -158,3 +158,18 @@ def test_cached_text_map_gets_the_same_geometric_transform_as_its_image(env, dus
         assert item["hflip"] and item["angle"] != 0.0
         assert torch.allclose(item["text_logits"], item["image"][:1], atol=1e-5)
         assert ("left" in item["text"]) == ("right" in ds[positions[i]]["text"])  # the report was flipped too
+
+
+def test_a_run_is_not_reused_after_its_vlm_was_retrained(env):
+    from dusss.utils import atomic_torch_save
+
+    vlm = env["root"] / "vlm-copy.pt"
+    ckpt = torch.load(env["vlm"], map_location="cpu", weights_only=True)
+    atomic_torch_save(ckpt, vlm)
+    cfg = _cfg(env, "digest", epochs=1, vlm_checkpoint=str(vlm))
+    first = train_ssmis(cfg, progress=False)
+    ckpt["model"]["mask_bias"] = ckpt["model"]["mask_bias"] + 3.0  # a different VLM at the same path
+    atomic_torch_save(ckpt, vlm)
+    second = train_ssmis(cfg, progress=False)
+    assert second["vlm_digest"] != first["vlm_digest"]
+    assert second["diag_best"]["diag_text_dice"] != first["diag_best"]["diag_text_dice"]
