@@ -392,33 +392,33 @@ def _contour(ax, mask: torch.Tensor, color: str) -> None:
 
 
 def plot_paraphrase_maps(image: torch.Tensor, mask: torch.Tensor, reports: Sequence[str],
-                         maps: Mapping[str, torch.Tensor], *, wrap: int = 28):
-    """Fig. 5: one row per model, one column per report; each map over the image with the ground truth outlined.
+                         maps: Mapping[str, torch.Tensor], *, wrap: int = 26):
+    """Fig. 5: one row per model; the image, then its map for each report, the ground truth outlined on each.
 
     ``image`` ``(3, H, W)``, ``mask`` ``(1, H, W)``, ``maps`` label ->
-    ``(K, H, W)`` for the K ``reports``. Each panel's title gives the pairwise
-    correlation of its row, so the picture carries its own number.
+    ``(K, H, W)`` for the K ``reports`` (column titles). The maps are drawn on
+    their own (not over the image), which keeps them readable and the PNG
+    small; the row label gives that row's pairwise correlation.
     """
     import textwrap
 
     import matplotlib.pyplot as plt
 
     k = len(reports)
-    fig, axes = plt.subplots(len(maps) + 1, k, figsize=(1.7 * k, 1.75 * (len(maps) + 1) + 0.6), squeeze=False)
-    for j, text in enumerate(reports):
-        ax = axes[0, j]
-        _show(ax, image)
-        _contour(ax, mask, "lime")
-        ax.set_title(textwrap.fill(text, wrap), fontsize=5.5)
-    for r, (label, m) in enumerate(maps.items(), start=1):
-        corr = pairwise_correlation(m)
+    levels = plt.get_cmap("magma", 10)  # ten bands: as readable as a smooth ramp, a fraction of the PNG size
+    fig, axes = plt.subplots(len(maps), k + 1, figsize=(1.25 * (k + 1), 1.3 * len(maps) + 0.7), squeeze=False)
+    for r, (label, m) in enumerate(maps.items()):
+        _show(axes[r, 0], image, "image" if r == 0 else "")
+        _contour(axes[r, 0], mask, "lime")
+        axes[r, 0].set_ylabel(f"{label}\ncorr {pairwise_correlation(m):.2f}", fontsize=7)
         for j in range(k):
-            ax = axes[r, j]
-            _show(ax, image)
-            ax.imshow(m[j].cpu().numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
-            _contour(ax, mask, "white")
-            if j == 0:
-                ax.set_ylabel(f"{label}\ncorr {corr:.2f}", fontsize=8)
+            ax = axes[r, j + 1]
+            ax.imshow(m[j].cpu().numpy(), cmap=levels, vmin=0, vmax=1)
+            _contour(ax, mask, "cyan")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(textwrap.fill(reports[j], wrap), fontsize=5)
     fig.tight_layout()
     return fig
 

@@ -187,7 +187,7 @@ def test_figures_have_one_panel_per_report_and_model():
     mask[:, 4:8, 4:8] = 1
     maps = {"DuSSS": torch.rand(3, 16, 16), "CLIP": torch.rand(3, 16, 16)}
     fig = plot_paraphrase_maps(image, mask, ["a", "b", "c"], maps)
-    assert len(fig.axes) == 3 * 3
+    assert len(fig.axes) == 2 * (1 + 3)  # per model: the image, then one map per report
     preds = {"MT": torch.zeros(2, 1, 16, 16, dtype=torch.bool), "DuSSS": torch.ones(2, 1, 16, 16, dtype=torch.bool)}
     fig = plot_qualitative_grid(torch.rand(2, 3, 16, 16), mask.expand(2, -1, -1, -1), preds,
                                 {"MT": [0.0, 0.0], "DuSSS": [0.4, 0.5]})
