@@ -223,7 +223,8 @@ def measure_maps(vlm: nn.Module, dataset, *, n_paraphrases: int = 4, methods: Se
     """Stability and localisation of the VLM's maps over every image of ``dataset``: a per-image DataFrame.
 
     For each image its report and ``n_paraphrases`` paraphrases
-    (:func:`reports_for`) are explained with each CAM method. Columns:
+    (:func:`reports_for`) are explained with each CAM method (a text-free
+    one, :data:`TEXT_FREE_METHODS`, once per image). Columns:
     ``name``, ``method``, ``corr`` (:func:`pairwise_correlation` of the
     K = n + 1 maps), ``iou`` (:func:`pairwise_iou`), ``share`` (mean
     :func:`activation_share` over the K maps), ``pointing`` (mean pointing-game
@@ -241,9 +242,12 @@ def measure_maps(vlm: nn.Module, dataset, *, n_paraphrases: int = 4, methods: Se
         images, masks = batch["image"], batch["mask"]  # (B, 3, H, W), (B, 1, H, W)
         reports = [reports_for(t, n_paraphrases, seed) for t in batch["text"]]
         for method in methods:
-            per_report = [activation_maps(vlm, images, [r[k] for r in reports], method)
-                          for k in range(n_paraphrases + 1)]
-            maps = torch.stack(per_report, 1)  # (B, K, H, W)
+            if method in TEXT_FREE_METHODS:  # the same map for every report: computed once, repeated
+                maps = activation_maps(vlm, images, [r[0] for r in reports], method)
+                maps = maps.unsqueeze(1).expand(-1, n_paraphrases + 1, -1, -1)  # (B, K, H, W)
+            else:
+                maps = torch.stack([activation_maps(vlm, images, [r[k] for r in reports], method)
+                                    for k in range(n_paraphrases + 1)], 1)  # (B, K, H, W)
             shares = torch.stack([activation_share(maps[:, k], masks) for k in range(maps.shape[1])], 1)  # (B, K)
             hits = torch.stack([pointing_game(maps[:, k:k + 1], masks) for k in range(maps.shape[1])], 1)  # (B, K)
             for i, name in enumerate(batch["name"]):
