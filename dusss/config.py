@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-METHODS = ("dusss", "mt", "supervised")  # SSMIS methods sharing one training loop
+METHODS = ("dusss", "mt", "supervised", "bcp")  # SSMIS methods sharing one training loop (bcp: dusss.baselines)
 
 __all__ = ["Config", "ConfigError", "PROFILES", "make_config", "parse_overrides", "default_profile"]
 
@@ -105,6 +105,9 @@ class Config:
     resume: bool = True  # Step 2: continue from last.pt in the output folder (False: start afresh)
     fg_prior: float = 0.05  # Step 2: initial foreground probability of the U-Net output (bias = logit); 0 = off
     steps_per_epoch: int = 60  # Step 2: at least this many steps per epoch (0 = one pass over the longer stream)
+    bcp_box: float = 0.6667  # BCP (Bai et al. 2023): side of the copy-paste box as a share of the image side (2/3)
+    bcp_u_weight: float = 0.5  # BCP: weight of pseudo-labelled pixels in the mixed loss (ground-truth pixels: 1)
+    bcp_pretrain_frac: float = 0.25  # BCP: share of the epochs spent pre-training on labelled copy-paste (BCP: 10k of 40k iterations)
     out_dir: str = ""  # "" = runs/<command>/<dataset>/...
 
     # ------------------------------------------------------------------
@@ -283,6 +286,9 @@ def _check_ranges(cfg: Config) -> None:
         ("diag_images", cfg.diag_images >= 0, "must be >= 0 (0 = every unlabelled image)"),
         ("fg_prior", 0.0 <= cfg.fg_prior < 1.0, "must be in [0, 1) (0 = PyTorch's default output bias)"),
         ("steps_per_epoch", cfg.steps_per_epoch >= 0, "must be >= 0 (0 = one pass over the longer stream)"),
+        ("bcp_box", 0.0 < cfg.bcp_box <= 1.0, "must be in (0, 1] (BCP: 2/3)"),
+        ("bcp_u_weight", cfg.bcp_u_weight >= 0, "must be >= 0 (BCP: 0.5)"),
+        ("bcp_pretrain_frac", 0.0 <= cfg.bcp_pretrain_frac < 1.0, "must be in [0, 1) (BCP: 0.25)"),
     ]
     for key in ("epochs", "vlm_epochs", "labeled_bs", "unlabeled_bs", "vlm_batch_size", "unet_base",
                 "vit_width", "vit_depth", "vit_heads", "embed_dim", "vit_patch", "patience"):

@@ -50,14 +50,17 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import Config
+from .baselines import make_baseline
+from .distributed import (DistInfo, ddp_wrap, init_distributed, is_main_process, make_sampler, quiet_non_main,
+                          save_on_main, set_sampler_epoch, sync_buffers)
 from .losses import SupervisedSegLoss, TextGuidedSemiLoss, ema_update, sigmoid_rampup
 from .metrics import binarize, dice_of_masks
 from .paths import default_vlm_checkpoint, ssmis_dir
 from .unet import build_unet, count_parameters
-from .utils import atomic_torch_save, atomic_write_json, get_logger, load_checkpoint, resolve_device, seed_everything
+from .utils import atomic_write_json, get_logger, load_checkpoint, resolve_device, seed_everything
 
 __all__ = [
     "FLAT_TEXT_LOGIT", "SsmisData", "prepare_data", "TextGuidance", "train_ssmis", "load_student",
@@ -154,14 +157,18 @@ class _AugmentedView(Dataset):
         return item
 
 
-def _loader(ds: Dataset, batch_size: int, cfg: Config, *, shuffle: bool, generator: torch.Generator | None = None
-            ) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=cfg.num_workers,
-                      drop_last=False)
+def _loader(ds: Dataset, batch_size: int, cfg: Config, *, shuffle: bool, generator: torch.Generator | None = None,
+            sampler: Sampler | None = None) -> DataLoader:
+    # a sampler (torchrun: this rank's shard) replaces shuffle and generator
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      generator=generator if sampler is None else None, num_workers=cfg.num_workers, drop_last=False)
 
 
-def _cycle(loader: DataLoader) -> Iterator[dict]:
+def _cycle(loader: DataLoader, first_pass: int = 0) -> Iterator[dict]:
+    passes = first_pass
     while True:
+        set_sampler_epoch(loader.sampler, passes)  # torchrun: a new shard order every pass (no-op otherwise)
+        passes += 1
         yield from loader
 
 
@@ -277,7 +284,8 @@ def _vlm_digest(cfg: Config) -> str:
 
 def _check_resumable(saved: dict, cfg: Config, path: Path) -> None:
     now = cfg.to_dict()
-    diff = sorted(k for k in now if k not in _RESUME_FREE_KEYS and saved.get(k) != now[k])
+    # a key the saved run did not have yet (added to Config later) counts as unchanged
+    diff = sorted(k for k in now if k not in _RESUME_FREE_KEYS and saved.get(k, now[k]) != now[k])
     if diff:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff[:4])
         raise ValueError(f"{path} belongs to a run with other settings ({details}); choose another out_dir "
@@ -305,6 +313,9 @@ def _config_from_dict(data: dict) -> Config:
 
 
 # ---------------------------------------------------------------------------- training
+_DDP_METHODS = ("dusss", "mt", "supervised")  # methods whose step runs under torchrun / DDP
+
+
 def train_ssmis(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     """Train ``cfg.method`` at ``cfg.ratio`` labels and score it; returns the ``metrics.json`` dict.
 
@@ -315,8 +326,23 @@ def train_ssmis(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     ``weights_only=True``), ``metrics.json`` and ``test_per_image.csv``. With
     ``cfg.resume`` an interrupted run continues from ``last.pt`` (the same
     numbers as an uninterrupted one on the CPU) and a finished one returns its
-    metrics at once; ``resume=false`` starts afresh.
+    metrics at once; ``resume=false`` starts afresh. Under ``torchrun`` each
+    rank draws its own shard of both streams, the student trains inside
+    DistributedDataParallel, the EMA teacher and the BatchNorm statistics are
+    kept identical on every rank (:func:`dusss.distributed.sync_buffers`), and
+    only rank 0 logs and writes files; every rank validates the same model, so
+    all take the same early-stopping decision.
     """
+    info = init_distributed(cfg.device)
+    if info.distributed and cfg.method not in _DDP_METHODS:
+        raise ValueError(f"method={cfg.method!r} does not run under torchrun yet (only {', '.join(_DDP_METHODS)}); "
+                         "start it as a single process")
+    with quiet_non_main():
+        return _train_ssmis(cfg, info, progress=progress and info.is_main)
+
+
+def _train_ssmis(cfg: Config, info: DistInfo, *, progress: bool) -> dict[str, Any]:
+    """The body of :func:`train_ssmis` in this process (``info``: its rank, world size and device)."""
     import pandas as pd
     from tqdm.auto import tqdm
 
@@ -325,7 +351,7 @@ def train_ssmis(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     seed_everything(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
+    device = info.device
     out = ssmis_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     last_path, best_path, metrics_path = out / "last.pt", out / "best.pt", out / "metrics.json"
@@ -344,21 +370,25 @@ def train_ssmis(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
 
             log.info("ssmis run in %s is already finished; returning its metrics (resume=false retrains)", out)
             return json.loads(metrics_path.read_text())
-    cfg.save(out / "config.json")
+    if is_main_process():
+        cfg.save(out / "config.json")
     log.info("ssmis %s at ratio %g on %s (%s), output %s\n%s", cfg.method, cfg.ratio, cfg.dataset, device, out,
              cfg.describe())
 
     data = prepare_data(cfg)
     pos = {n: i for i, n in enumerate(data.train.names)}
     lab_pos, unl_pos = [pos[n] for n in data.labelled], [pos[n] for n in data.unlabelled]
-    atomic_write_json(out / "split.json", {"labelled": data.labelled, "unlabelled": data.unlabelled})
+    if is_main_process():
+        atomic_write_json(out / "split.json", {"labelled": data.labelled, "unlabelled": data.unlabelled})
     semi = cfg.method != "supervised"
 
     # models: the teacher starts as an exact copy of the student (Eq. 12 at step 0)
     student = build_unet(cfg).to(device)
     teacher = copy.deepcopy(student).requires_grad_(False).train() if semi else None  # train(): batch-stat BN
     optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+    model = ddp_wrap(student, info)  # torchrun: gradients averaged over ranks; the student itself otherwise
     sup_loss, semi_loss = SupervisedSegLoss(), TextGuidedSemiLoss()
+    baseline = make_baseline(cfg)  # bcp: its own step (dusss.baselines); None for dusss / mt / supervised
 
     guidance = _load_guidance(cfg, device) if cfg.method == "dusss" else None
     diag_pos = unl_pos[: cfg.diag_images] if cfg.diag_images > 0 else list(unl_pos)
@@ -374,13 +404,19 @@ def train_ssmis(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
 
     lab_aug, unl_aug = _make_augment(cfg, cfg.seed + 1), _make_augment(cfg, cfg.seed + 2)
     lab_gen, unl_gen = torch.Generator().manual_seed(cfg.seed + 3), torch.Generator().manual_seed(cfg.seed + 4)
-    lab_loader = _loader(_AugmentedView(data.train, lab_pos, lab_aug, data.text_mode), cfg.labeled_bs, cfg,
-                         shuffle=True, generator=lab_gen)
-    unl_loader = _loader(_AugmentedView(data.train, unl_pos, unl_aug, data.text_mode, unl_maps), cfg.unlabeled_bs,
-                         cfg, shuffle=True, generator=unl_gen) if semi else None
+    lab_view = _AugmentedView(data.train, lab_pos, lab_aug, data.text_mode)
+    unl_view = _AugmentedView(data.train, unl_pos, unl_aug, data.text_mode, unl_maps)
+    # torchrun: each rank reads its own shard of both streams (None: one process shuffles with the generators)
+    lab_sampler = make_sampler(lab_view, info, shuffle=True, seed=cfg.seed + 3) if info.distributed else None
+    unl_sampler = make_sampler(unl_view, info, shuffle=True, seed=cfg.seed + 4) if info.distributed else None
+    lab_loader = _loader(lab_view, cfg.labeled_bs, cfg, shuffle=True, generator=lab_gen, sampler=lab_sampler)
+    unl_loader = _loader(unl_view, cfg.unlabeled_bs, cfg, shuffle=True, generator=unl_gen,
+                         sampler=unl_sampler) if semi else None
+    n_lab, n_unl = (len(lab_sampler), len(unl_sampler)) if info.distributed else (len(lab_pos), len(unl_pos))
     # one pass over the longer stream, or more (cfg.steps_per_epoch) so every ratio gets the same step budget
-    steps = max(math.ceil(len(lab_pos) / cfg.labeled_bs), math.ceil(len(unl_pos) / cfg.unlabeled_bs),
-                cfg.steps_per_epoch)
+    # (under torchrun a step takes world_size batches, so the image budget stays the same)
+    steps = max(math.ceil(n_lab / cfg.labeled_bs), math.ceil(n_unl / cfg.unlabeled_bs),
+                math.ceil(cfg.steps_per_epoch / info.world_size))
     eval_bs = cfg.labeled_bs + cfg.unlabeled_bs
 
     history: list[dict] = []
@@ -417,16 +453,19 @@ def train_ssmis(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         t_epoch = time.time()
         student.train()
         sums = {"loss": 0.0, "sup": 0.0, "semi": 0.0, "merged": 0.0, "text": 0.0}
-        lab_iter = _cycle(lab_loader)
-        unl_iter = _cycle(unl_loader) if semi else None
+        lab_iter = _cycle(lab_loader, epoch * (steps + 1))
+        unl_iter = _cycle(unl_loader, epoch * (steps + 1)) if semi else None
         weight = alpha = 0.0
         for step in range(steps):
             lb = next(lab_iter)
             x_l, y_l = lb["image"].to(device), lb["mask"].to(device)  # (Bl, 3, H, W), (Bl, 1, H, W)
-            if semi:
+            if baseline is not None:
+                x_u = next(unl_iter)["image"].to(device)  # (Bu, 3, H, W)
+                loss, l_sup, terms, weight = baseline(student, teacher, x_l, y_l, x_u, epoch, step)
+            elif semi:
                 ub = next(unl_iter)
                 x_u = ub["image"].to(device)  # (Bu, 3, H, W)
-                z = student(torch.cat([x_l, x_u]))  # (Bl + Bu, 1, H, W): one BatchNorm batch, as in MT
+                z = model(torch.cat([x_l, x_u]))  # (Bl + Bu, 1, H, W): one BatchNorm batch, as in MT
                 z_l, z_u = z[: len(x_l)], z[len(x_l):]
                 with torch.no_grad():
                     z_teacher = teacher(x_u)  # (Bu, 1, H, W) Eq. 13 pseudo-label logits
@@ -439,13 +478,14 @@ def train_ssmis(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
                 weight = cfg.cons_weight * sigmoid_rampup(epoch + step / steps, cfg.rampup_epochs)
                 loss = l_sup + weight * terms["semi"]
             else:
-                l_sup = sup_loss(student(x_l), y_l)
+                l_sup = sup_loss(model(x_l), y_l)
                 terms, loss = {}, l_sup
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if semi:
                 alpha = ema_update(teacher, student, cfg.ema_alpha, global_step)
+                sync_buffers(teacher)  # torchrun: the teacher's BatchNorm statistics equal on every rank
             global_step += 1
             sums["loss"] += loss.item()
             sums["sup"] += l_sup.item()
@@ -453,6 +493,7 @@ def train_ssmis(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
                 sums[key] += terms[key].item() if key in terms else 0.0
         epoch += 1
 
+        sync_buffers(student)  # torchrun: every rank validates the same model, so all stop together
         val, _ = evaluate_model(student, data.val, device=device, threshold=cfg.threshold, batch_size=eval_bs)
         diag = (_pseudo_label_diagnostics(teacher, data.train, diag_pos, diag_maps, cfg, device) if semi
                 else {k: float("nan") for k in ("diag_teacher_dice", "diag_text_dice", "diag_merged_dice",
@@ -464,14 +505,15 @@ def train_ssmis(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         history.append(row)
         if val["dice"] > best_dice:
             best_dice, best_epoch, bad_epochs = val["dice"], epoch, 0
-            atomic_torch_save({"config": cfg.to_dict(), "student": student.state_dict(),
-                               "teacher": teacher.state_dict() if semi else {}, "epoch": epoch,
-                               "val_dice": val["dice"], "val_miou": val["miou"]}, best_path)
+            save_on_main({"config": cfg.to_dict(), "student": student.state_dict(),
+                          "teacher": teacher.state_dict() if semi else {}, "epoch": epoch,
+                          "val_dice": val["dice"], "val_miou": val["miou"]}, best_path)
         else:
             bad_epochs += 1
             stopped_early = bad_epochs >= cfg.patience
-        atomic_torch_save(snapshot(finished=False), last_path)
-        pd.DataFrame(history).to_csv(out / "history.csv", index=False)
+        save_on_main(snapshot(finished=False), last_path)
+        if is_main_process():
+            pd.DataFrame(history).to_csv(out / "history.csv", index=False)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}", val_dice=f"{val['dice']:.3f}", best=f"{best_dice:.3f}")
         log.info("epoch %d: loss %.4f (sup %.4f semi %.4f) val Dice %.4f mIoU %.4f | pseudo labels: teacher %.3f "
@@ -483,7 +525,8 @@ def train_ssmis(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
 
     best_model, _, best_ckpt = load_student(best_path, device)
     test, per_image = evaluate_model(best_model, data.test, device=device, threshold=cfg.threshold, batch_size=eval_bs)
-    per_image.to_csv(out / "test_per_image.csv", index=False)
+    if is_main_process():
+        per_image.to_csv(out / "test_per_image.csv", index=False)
     best_row = next(r for r in history if r["epoch"] == best_epoch)
     metrics = {
         "method": cfg.method, "ratio": cfg.ratio, "dataset": cfg.dataset, "profile": cfg.profile, "seed": cfg.seed,
@@ -496,8 +539,9 @@ def train_ssmis(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         "train_seconds": float(sum(r["seconds"] for r in history)), "text_cache_seconds": cache_seconds,
         "text_cache": cfg.text_cache, "vlm_digest": digest, "steps_per_epoch": steps, "out_dir": str(out),
     }
-    atomic_torch_save(snapshot(finished=True), last_path)
-    atomic_write_json(metrics_path, metrics)
+    save_on_main(snapshot(finished=True), last_path)
+    if is_main_process():
+        atomic_write_json(metrics_path, metrics)
     log.info("%s r%g: best epoch %d, val Dice %.4f, test Dice %.4f mIoU %.4f -> %s", cfg.method, cfg.ratio,
              best_epoch, metrics["val_dice"], test["dice"], test["miou"], metrics_path)
     return metrics

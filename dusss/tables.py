@@ -1,0 +1,445 @@
+"""Tables 1 and 2 of the paper, rebuilt from this project's runs and shown beside the paper's numbers.
+
+The grid: every (row, label ratio, data set, seed) is one Step-2 run
+(:func:`dusss.ssmis.train_ssmis`), preceded for text-guided rows by the Step-1
+pre-training with that row's loss switches (:func:`dusss.pretrain.pretrain`;
+each switch combination has its own folder, :func:`dusss.paths.vlm_variant`).
+:func:`run_grid` writes one small JSON per run under
+``results/runs/<dataset>-<profile>/`` (the run's ``metrics.json`` plus the
+row, the VLM's switches and the seconds spent) and reuses those files unless
+told to re-run, so a long grid can be filled over several sittings and the
+tables re-rendered at once from whatever exists. :func:`render_tables` turns
+those files into Table 1 and Table 2 (mean ± std over seeds, the paper's
+numbers beside them: :mod:`dusss.paper_tables`), :func:`write_outputs` writes
+CSV + Markdown to ``results/`` and a bar chart to ``figures/``, and
+:func:`write_readme_section` pastes the Markdown into the README between
+generated-block markers.
+
+Rows (``ROWS``): Table 1 = U-Net at 100 % labels, U-Net on the labelled part
+only, Mean Teacher, BCP (:mod:`dusss.baselines`), a CLIP-style VLM (DuSSS's
+Step 2 with a VLM pre-trained by plain cross-modal InfoNCE: SSS, IMC and
+``L_tg`` off) and DuSSS; UCMT is listed with the paper's numbers only (not
+implemented). Table 2 = the seven switch combinations of the paper at 50 %
+labels; its baseline (no SSS, no DCL, no ``L_tg``) is the Mean Teacher run and
+its last row the DuSSS run, shared with Table 1.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import pandas as pd
+
+from .config import Config, make_config
+from .paths import default_vlm_checkpoint, results_dir, tagged
+from .utils import atomic_write_json, atomic_write_text, get_logger, repo_root
+
+__all__ = ["RowSpec", "ROWS", "TABLE1_ROWS", "TABLE2_ROWS", "PAPER_NAMES", "run_name", "run_file", "run_one",
+           "run_grid", "load_runs", "summarise", "render_tables", "complexity", "write_outputs", "plot_tables",
+           "grid_cost", "write_readme_section", "PRETRAIN_RATIO"]
+
+log = get_logger(__name__)
+
+PRETRAIN_RATIO = 0.25  # VLMs are pre-trained on the 25 % labelled split, which lies inside every larger split
+PAPER_NAMES = {"qata-synth": "QaTa-COV19", "qata": "QaTa-COV19", "nuclei-real": "MoNuSeg", "monuseg": "MoNuSeg",
+               "bmseg": "BM-Seg"}  # our data set -> the paper's column it stands in for
+_PAPER_KEY = {"QaTa-COV19": "qata", "BM-Seg": "bmseg", "MoNuSeg": "monuseg"}
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One row of Table 1 or 2: how to train it (``method`` + VLM switches) and where the paper's numbers are.
+
+    ``method`` None = not implemented (the row shows the paper's numbers only);
+    ``ratio`` fixes the label share (U-Net 100 %); ``paper1`` is the method's
+    name in the paper's Table 1, ``paper2`` its ``(sss, dcl, tg)`` in Table 2.
+    """
+
+    label: str
+    method: str | None
+    switches: Mapping[str, bool] = field(default_factory=dict)
+    ratio: float | None = None
+    paper1: str | None = None
+    paper2: tuple[int, int, int] | None = None
+
+
+def _vlm(sss: bool, imc: bool, tg: bool) -> dict[str, bool]:
+    return {"use_sss": sss, "use_cmc": True, "use_imc": imc, "use_tg": tg}
+
+
+ROWS: dict[str, RowSpec] = {
+    "unet100": RowSpec("U-Net, 100 % labels", "supervised", ratio=1.0, paper1="U-Net"),
+    "unet": RowSpec("U-Net, labelled part only", "supervised"),
+    "mt": RowSpec("Mean Teacher", "mt", paper1="MT", paper2=(0, 0, 0)),
+    "bcp": RowSpec("BCP", "bcp", paper1="BCP"),
+    "ucmt": RowSpec("UCMT (not implemented)", None, paper1="UCMT"),
+    "clip": RowSpec("CLIP-style VLM + text-guided SSMIS", "dusss", _vlm(False, False, False)),
+    "sss": RowSpec("SSS", "dusss", _vlm(True, False, False), paper2=(1, 0, 0)),
+    "dcl": RowSpec("DCL", "dusss", _vlm(False, True, False), paper2=(0, 1, 0)),
+    "sss+tg": RowSpec("SSS + L_tg", "dusss", _vlm(True, False, True), paper2=(1, 0, 1)),
+    "dcl+tg": RowSpec("DCL + L_tg", "dusss", _vlm(False, True, True), paper2=(0, 1, 1)),
+    "sss+dcl": RowSpec("SSS + DCL", "dusss", _vlm(True, True, False), paper2=(1, 1, 0)),
+    "dusss": RowSpec("DuSSS (SSS + DCL + L_tg)", "dusss", _vlm(True, True, True), paper1="DuSSS", paper2=(1, 1, 1)),
+}
+TABLE1_ROWS = ("unet100", "unet", "mt", "bcp", "ucmt", "clip", "dusss")
+TABLE2_ROWS = ("mt", "sss", "dcl", "sss+tg", "dcl+tg", "sss+dcl", "dusss")
+
+
+def _spec(row: str) -> RowSpec:
+    if row not in ROWS:
+        raise ValueError(f"unknown table row {row!r}; choose from {', '.join(ROWS)}")
+    return ROWS[row]
+
+
+def run_name(row: str, ratio: float, seed: int) -> str:
+    """File stem of one run: ``<method>[-<vlm variant>]-r<ratio>-s<seed>``, shared by rows that train the same thing.
+
+    Table 2's baseline and Table 1's Mean Teacher are one run; so are the two
+    DuSSS rows.
+    """
+    spec = _spec(row)
+    ratio = spec.ratio if spec.ratio is not None else ratio
+    variant = ""
+    if spec.method == "dusss":
+        s = spec.switches
+        variant = f"-sss{int(s['use_sss'])}-cmc{int(s['use_cmc'])}-imc{int(s['use_imc'])}-tg{int(s['use_tg'])}"
+    return f"{spec.method}{variant}-r{ratio:g}-s{seed}"
+
+
+def run_file(profile: str, dataset: str, row: str, ratio: float, seed: int) -> Path:
+    """``results/runs/<dataset>-<profile>/<run_name>.json``: the run's saved results."""
+    return results_dir() / "runs" / f"{dataset}-{profile}" / f"{run_name(row, ratio, seed)}.json"
+
+
+def _config(profile: str, dataset: str, row: str, ratio: float, seed: int, overrides: Mapping[str, Any]) -> Config:
+    spec = _spec(row)
+    ratio = spec.ratio if spec.ratio is not None else ratio
+    return make_config(profile, dict(overrides), dataset=dataset, method=spec.method, ratio=ratio, seed=seed,
+                       **spec.switches)
+
+
+def run_one(profile: str, dataset: str, row: str, ratio: float, seed: int, *,
+            overrides: Mapping[str, Any] | None = None, rerun: bool = False, progress: bool = False) -> dict:
+    """Train (or reuse) one run of the grid and return its results dict (also written to :func:`run_file`).
+
+    An existing results file is returned as it is unless ``rerun``. Otherwise a
+    text-guided row first pre-trains its VLM if the checkpoint of its switches
+    is missing (on the :data:`PRETRAIN_RATIO` split, so one VLM serves 25 % and
+    50 %), then :func:`dusss.ssmis.train_ssmis` trains the segmentation network
+    (``rerun`` retrains it from scratch; a finished run folder is otherwise
+    reused). The file holds the run's ``metrics.json`` plus ``row``,
+    ``switches``, ``pretrain_seconds`` and ``ssmis_seconds`` (wall time of this
+    call; 0 when reused).
+    """
+    from .pretrain import pretrain
+    from .ssmis import train_ssmis
+
+    spec = _spec(row)
+    if spec.method is None:
+        raise ValueError(f"row {row!r} ({spec.label}) has no implementation in this project; drop it from the grid")
+    path = run_file(profile, dataset, row, ratio, seed)
+    if path.is_file() and not rerun:
+        return json.loads(path.read_text())
+    cfg = _config(profile, dataset, row, ratio, seed, overrides or {})
+    pre_s = 0.0
+    if spec.method == "dusss" and not default_vlm_checkpoint(cfg).is_file():
+        t0 = time.perf_counter()
+        log.info("no VLM at %s: pre-training it (%s)", default_vlm_checkpoint(cfg), row)
+        pretrain(cfg.replace(ratio=min(PRETRAIN_RATIO, cfg.ratio), out_dir=""), progress=progress)
+        pre_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    metrics = train_ssmis(cfg.replace(resume=not rerun), progress=progress)
+    result = {**metrics, "row": row, "switches": dict(spec.switches), "pretrain_seconds": pre_s,
+              "ssmis_seconds": time.perf_counter() - t0}
+    atomic_write_json(path, result)
+    return result
+
+
+def run_grid(profile: str, datasets: Iterable[str], seeds: Iterable[int], *,
+             table1_rows: Iterable[str] = TABLE1_ROWS, table1_ratios: Iterable[float] = (0.25, 0.5),
+             table2_rows: Iterable[str] = TABLE2_ROWS, table2_ratio: float = 0.5,
+             overrides: Mapping[str, Any] | None = None, run_missing: bool = True, rerun: bool = False,
+             progress: bool = True) -> pd.DataFrame:
+    """Run (or only collect) the grid; returns :func:`load_runs` of the runs that exist afterwards.
+
+    The grid is every implemented row of ``table1_rows`` at every ratio of
+    ``table1_ratios`` (rows with a fixed ratio once) plus ``table2_rows`` at
+    ``table2_ratio``, for each data set and seed; runs shared by both tables
+    are trained once. With ``run_missing=False`` nothing is trained: only the
+    results files already under ``results/runs/`` are read.
+    """
+    from tqdm.auto import tqdm
+
+    jobs: dict[str, tuple] = {}
+    for dataset in datasets:
+        for seed in seeds:
+            pairs = [(r, q) for r in table1_rows for q in table1_ratios] + [(r, table2_ratio) for r in table2_rows]
+            for row, ratio in pairs:
+                if _spec(row).method is None:
+                    continue
+                jobs.setdefault(f"{dataset}/{run_name(row, ratio, seed)}", (dataset, row, ratio, seed))
+    if run_missing:
+        todo = [j for j in jobs.values() if rerun or not run_file(profile, j[0], j[1], j[2], j[3]).is_file()]
+        for dataset, row, ratio, seed in tqdm(todo, desc="grid runs", disable=not progress):
+            run_one(profile, dataset, row, ratio, seed, overrides=overrides, rerun=rerun)
+    return load_runs(profile, datasets=list({j[0] for j in jobs.values()}))
+
+
+def load_runs(profile: str, datasets: Iterable[str] | None = None) -> pd.DataFrame:
+    """Every results file under ``results/runs/<dataset>-<profile>/`` as one DataFrame (one row per run)."""
+    root = results_dir() / "runs"
+    rows = []
+    for folder in sorted(root.glob(f"*-{profile}")) if root.is_dir() else []:
+        dataset = folder.name[: -len(profile) - 1]
+        if datasets is not None and dataset not in set(datasets):
+            continue
+        for path in sorted(folder.glob("*.json")):
+            m = json.loads(path.read_text())
+            rows.append({"dataset": m["dataset"], "run": path.stem, "method": m["method"], "ratio": m["ratio"],
+                         "seed": m["seed"], "test_dice": m["test_dice"], "test_miou": m["test_miou"],
+                         "val_dice": m["val_dice"], "epochs_run": m["epochs_run"],
+                         "pretrain_seconds": m.get("pretrain_seconds", 0.0),
+                         "ssmis_seconds": m.get("ssmis_seconds", 0.0), "train_seconds": m["train_seconds"]})
+    cols = ["dataset", "run", "method", "ratio", "seed", "test_dice", "test_miou", "val_dice", "epochs_run",
+            "pretrain_seconds", "ssmis_seconds", "train_seconds"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def summarise(runs: pd.DataFrame, rows: Iterable[str], ratios: Iterable[float], table: str) -> pd.DataFrame:
+    """Mean ± std (sample std, ddof=1; 0 for one seed) of Dice and mIoU in per cent over seeds, per row, ratio, data set.
+
+    ``runs`` is :func:`load_runs`; runs are matched to rows by
+    :func:`run_name` without the seed. Every (row, ratio, data set) appears,
+    with ``n_seeds = 0`` and NaN where no run exists, and the paper's numbers
+    (``paper_dice``, ``paper_miou``) where the paper has that row.
+    """
+    from .paper_tables import paper_table1, paper_table2
+
+    p1, p2 = paper_table1(), paper_table2()
+    datasets = list(dict.fromkeys(runs["dataset"])) if len(runs) else []
+    runs = runs.assign(stem=runs["run"].str.replace(r"-s\d+$", "", regex=True))
+    out = []
+    for row in rows:
+        spec = _spec(row)
+        for ratio in ([spec.ratio] if spec.ratio is not None else list(ratios)):
+            stem = re.sub(r"-s0$", "", run_name(row, ratio, 0))
+            for dataset in datasets:
+                sel = runs[(runs["stem"] == stem) & (runs["dataset"] == dataset)]
+                key = _PAPER_KEY.get(PAPER_NAMES.get(dataset, ""), None)
+                paper = None
+                if key and table == "table1" and spec.paper1:
+                    hit = p1[(p1["method"] == spec.paper1) & (p1["labels"] == round(100 * ratio))]
+                    paper = hit.iloc[0] if len(hit) else None
+                if key and table == "table2" and spec.paper2:
+                    s, d, t = spec.paper2
+                    hit = p2[(p2["sss"] == s) & (p2["dcl"] == d) & (p2["tg"] == t)]
+                    paper = hit.iloc[0] if len(hit) else None
+                n = len(sel)
+                out.append({
+                    "table": table, "row": row, "label": spec.label, "ratio": ratio, "dataset": dataset,
+                    "paper_dataset": PAPER_NAMES.get(dataset, ""), "n_seeds": n,
+                    "dice_mean": 100 * sel["test_dice"].mean() if n else float("nan"),
+                    "dice_std": 100 * sel["test_dice"].std(ddof=1) if n > 1 else (0.0 if n else float("nan")),
+                    "miou_mean": 100 * sel["test_miou"].mean() if n else float("nan"),
+                    "miou_std": 100 * sel["test_miou"].std(ddof=1) if n > 1 else (0.0 if n else float("nan")),
+                    "paper_dice": float(paper[f"{key}_dice"]) if paper is not None else float("nan"),
+                    "paper_miou": float(paper[f"{key}_miou"]) if paper is not None else float("nan"),
+                })
+    return pd.DataFrame(out)
+
+
+def _pm(mean: float, std: float, n: int) -> str:
+    if n == 0 or pd.isna(mean):
+        return "–"
+    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f} (1 seed)"
+
+
+def _num(x: float) -> str:
+    return "–" if pd.isna(x) else f"{x:.2f}"
+
+
+def _markdown(summary: pd.DataFrame, *, ranks: bool) -> str:
+    """One Markdown table: a line per (ratio, row), per data set ours (mean ± std) and the paper's Dice / mIoU."""
+    datasets = list(dict.fromkeys(summary["dataset"]))
+    head = "| labels | method |"
+    rule = "|---|---|"
+    for d in datasets:
+        name = f"{d} (paper: {PAPER_NAMES.get(d, '–')})"
+        head += f" {name} Dice | paper Dice | {d} mIoU | paper mIoU | seeds |"
+        rule += "---|---|---|---|---|"
+        if ranks:
+            head += f" {d} rank ours / paper |"
+            rule += "---|"
+    lines = [head, rule]
+    rank = {}
+    if ranks:
+        for d in datasets:
+            s = summary[summary["dataset"] == d].set_index("row")
+            rank[d] = (s["dice_mean"].rank(ascending=False, method="min"),
+                       s["paper_dice"].rank(ascending=False, method="min"))
+    for (ratio, row), grp in summary.groupby(["ratio", "row"], sort=False):
+        g = grp.set_index("dataset")
+        line = f"| {100 * ratio:.0f} % | {g['label'].iloc[0]} |"
+        for d in datasets:
+            r = g.loc[d]
+            line += (f" {_pm(r['dice_mean'], r['dice_std'], r['n_seeds'])} | {_num(r['paper_dice'])} |"
+                     f" {_pm(r['miou_mean'], r['miou_std'], r['n_seeds'])} | {_num(r['paper_miou'])} |"
+                     f" {r['n_seeds']} |")
+            if ranks:
+                ours, theirs = rank[d][0][row], rank[d][1][row]
+                line += f" {'–' if pd.isna(ours) else int(ours)} / {'–' if pd.isna(theirs) else int(theirs)} |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def render_tables(runs: pd.DataFrame, *, table1_rows: Iterable[str] = TABLE1_ROWS,
+                  table1_ratios: Iterable[float] = (0.25, 0.5), table2_rows: Iterable[str] = TABLE2_ROWS,
+                  table2_ratio: float = 0.5) -> dict[str, Any]:
+    """Both tables from :func:`load_runs`: ``{"table1", "table2"}`` summaries and ``{"table1_md", "table2_md"}``.
+
+    Table 2's Markdown adds, per data set, each row's Dice rank among the
+    rows here next to its rank in the paper (1 = best), so whether each
+    component helps here as it did there can be read off directly.
+    """
+    t1 = summarise(runs, table1_rows, table1_ratios, "table1")
+    t2 = summarise(runs, table2_rows, [table2_ratio], "table2")
+    return {"table1": t1, "table2": t2, "table1_md": _markdown(t1, ranks=False) if len(t1) else "",
+            "table2_md": _markdown(t2, ranks=True) if len(t2) else ""}
+
+
+def complexity(cfg: Config | None = None, image_size: int = 224) -> dict[str, float]:
+    """Parameters (M) and multiply-accumulates / FLOPs (G) of the segmentation U-Net on one ``image_size`` image.
+
+    Counted with ``torch.utils.flop_counter.FlopCounterMode``, which counts a
+    multiply-add as 2 FLOPs (convolutions and matrix products only); ``gmacs``
+    is half of it. ``cfg`` None = the ``paper`` profile's U-Net (base 64), the
+    network of the paper's Table 1. Beside them the paper's 14.75 M / 25.19 G.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .unet import build_unet, count_parameters
+
+    cfg = cfg or make_config("paper")
+    model = build_unet(cfg).eval()
+    x = torch.zeros(1, 3, image_size, image_size)  # (1, 3, S, S)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    flops = counter.get_total_flops()
+    return {"unet_base": cfg.unet_base, "image_size": image_size, "params_m": count_parameters(model) / 1e6,
+            "gflops": flops / 1e9, "gmacs": flops / 2e9, "paper_params_m": 14.75, "paper_g": 25.19}
+
+
+def plot_tables(tables: dict[str, Any]):
+    """Bar chart with error bars (std over seeds): test Dice per row, one panel per (table, data set); paper as dots."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    panels = [(name, d) for name in ("table1", "table2") for d in dict.fromkeys(tables[name]["dataset"])]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1), 3.6), squeeze=False)
+    for ax, (name, d) in zip(axes[0], panels):
+        s = tables[name][tables[name]["dataset"] == d]
+        labels = [f"{r.label[:22]} {100 * r.ratio:.0f}%" for r in s.itertuples()]
+        x = np.arange(len(s))
+        ax.bar(x, s["dice_mean"].fillna(0), yerr=s["dice_std"].fillna(0), capsize=3, color="tab:blue",
+               alpha=0.8, label="this project")
+        ax.scatter(x, s["paper_dice"], color="tab:red", marker="D", s=16, zorder=3, label="paper")
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=6)
+        ax.set(ylabel="test Dice (%)", title=f"{'Table 1' if name == 'table1' else 'Table 2'}: {d}", ylim=(0, 100))
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def write_outputs(tables: dict[str, Any], profile: str, cx: dict[str, float] | None = None) -> dict[str, Path]:
+    """CSV + Markdown of both tables to ``results/04_table{1,2}[_<profile>]``, the bar chart to ``figures/``.
+
+    The Markdown of Table 1 ends with the complexity line (:func:`complexity`)
+    when ``cx`` is given. Returns the written paths.
+    """
+    from .plotting import save_figure
+
+    out = results_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name in ("table1", "table2"):
+        stem = tagged(f"04_{name}", profile)
+        tables[name].to_csv(out / f"{stem}.csv", index=False, float_format="%.4f")
+        md = tables[f"{name}_md"]
+        if name == "table1" and cx:
+            md += (f"\nSegmentation network (all rows): U-Net base {cx['unet_base']} at {cx['image_size']}x"
+                   f"{cx['image_size']}: {cx['params_m']:.2f} M parameters, {cx['gmacs']:.2f} GMACs = "
+                   f"{cx['gflops']:.2f} GFLOPs (paper: {cx['paper_params_m']} M, {cx['paper_g']} G).\n")
+        atomic_write_text(out / f"{stem}.md", md)
+        paths[f"{name}_csv"], paths[f"{name}_md"] = out / f"{stem}.csv", out / f"{stem}.md"
+    paths["figure"] = save_figure(plot_tables(tables), tagged("04_tables", profile))
+    return paths
+
+
+# kinds of work in a grid and how many of each one (data set, seed) needs
+def grid_cost(seconds: Mapping[str, float], *, datasets: int, seeds: int,
+              table1_rows: Iterable[str] = TABLE1_ROWS, table1_ratios: Iterable[float] = (0.25, 0.5),
+              table2_rows: Iterable[str] = TABLE2_ROWS, table2_ratio: float = 0.5) -> pd.DataFrame:
+    """Cost of a grid from measured seconds per kind of run (``supervised``, ``mt``, ``bcp``, ``dusss``, ``pretrain``).
+
+    Counts the distinct runs of :func:`run_grid` per kind for one data set and
+    seed (one pre-training per distinct VLM switch combination), multiplies by
+    ``seconds[kind]`` and by ``datasets * seeds``; returns one row per kind
+    with ``runs``, ``seconds_each``, ``hours`` and a ``total`` row.
+    """
+    names: dict[str, str] = {}
+    vlms = set()
+    for row, ratio in [(r, q) for r in table1_rows for q in table1_ratios] + [(r, table2_ratio) for r in table2_rows]:
+        spec = _spec(row)
+        if spec.method is None:
+            continue
+        names[run_name(row, ratio, 0)] = spec.method
+        if spec.method == "dusss":
+            vlms.add(tuple(sorted(spec.switches.items())))
+    counts = pd.Series(list(names.values())).value_counts().to_dict()
+    counts["pretrain"] = len(vlms)
+    k = datasets * seeds
+    rows = [{"kind": kind, "runs": n * k, "seconds_each": seconds.get(kind, float("nan")),
+             "hours": n * k * seconds.get(kind, float("nan")) / 3600} for kind, n in sorted(counts.items())]
+    df = pd.DataFrame(rows)
+    total = pd.DataFrame([{"kind": "total", "runs": int(df["runs"].sum()), "seconds_each": float("nan"),
+                           "hours": df["hours"].sum(min_count=len(df))}])
+    return pd.concat([df, total], ignore_index=True)
+
+
+BEGIN, END = "<!-- tables:begin (generated by dusss.tables.write_readme_section) -->", "<!-- tables:end -->"
+
+
+def write_readme_section(profile: str = "demo", readme: str | Path | None = None, *, extra: str = "") -> str:
+    """Paste ``results/04_table{1,2}[_<profile>].md`` (and ``extra``) into the README after ``<!-- section:tables -->``.
+
+    The generated block sits between :data:`BEGIN` and :data:`END`, inserted
+    right after the marker line the first time and replaced on later calls;
+    nothing else in the README changes. Returns the block.
+    """
+    readme = Path(readme) if readme else repo_root() / "README.md"
+    text = readme.read_text()
+    marker = "<!-- section:tables -->"
+    if marker not in text:
+        raise ValueError(f"{readme} has no line {marker!r}; add it under the heading '## Tables 1 and 2'")
+    parts = []
+    for name, title in (("table1", "Table 1 (comparison)"), ("table2", "Table 2 (ablation, 50 % labels)")):
+        path = results_dir() / f"{tagged(f'04_{name}', profile)}.md"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; run notebooks/04_ablation.ipynb (profile {profile}) first")
+        parts.append(f"**{title}**, test Dice / mIoU (%), from `{path.relative_to(path.parents[1])}`:\n\n"
+                     f"{path.read_text().strip()}\n")
+    block = BEGIN + "\n" + "\n".join(parts) + (f"\n{extra.strip()}\n" if extra else "") + END
+    if BEGIN in text and END in text:
+        start, stop = text.index(BEGIN), text.index(END) + len(END)
+        text = text[:start] + block + text[stop:]
+    else:
+        i = text.index(marker) + len(marker)
+        text = text[:i] + "\n" + block + text[i:]
+    atomic_write_text(readme, text)
+    return block

@@ -1,0 +1,130 @@
+"""Grid runner (real tiny smoke runs), table renderer (mean ± std), complexity, cost and README generation."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dusss import tables as T
+from dusss.paper_tables import paper_table1, paper_table2
+
+
+@pytest.fixture
+def tmp_outputs(tmp_path, monkeypatch):
+    monkeypatch.setenv("DUSSS_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("DUSSS_RUNS", str(tmp_path / "runs"))
+    return tmp_path
+
+
+def _fake_run(profile, dataset, row, ratio, seed, dice, miou):
+    path = T.run_file(profile, dataset, row, ratio, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spec = T.ROWS[row]
+    path.write_text(json.dumps({"dataset": dataset, "method": spec.method, "ratio": spec.ratio or ratio,
+                                "seed": seed, "test_dice": dice, "test_miou": miou, "val_dice": dice,
+                                "epochs_run": 1, "train_seconds": 1.0}))
+
+
+def test_grid_runs_for_real_at_smoke_writes_one_file_per_run_and_reuses_them(tmp_outputs):
+    kw = dict(table1_rows=["unet", "bcp", "ucmt"], table1_ratios=[0.25], table2_rows=["mt"],
+              overrides={"epochs": 1, "num_threads": 1}, progress=False)
+    runs = T.run_grid("smoke", ["qata-synth"], [7], **kw)
+    assert sorted(runs["run"]) == ["bcp-r0.25-s7", "mt-r0.5-s7", "supervised-r0.25-s7"]  # ucmt skipped
+    assert runs["test_dice"].between(0, 1).all() and runs["test_miou"].between(0, 1).all()
+    files = sorted((tmp_outputs / "results" / "runs" / "qata-synth-smoke").glob("*.json"))
+    assert len(files) == 3
+    saved = json.loads(files[0].read_text())
+    assert saved["epochs_run"] == 1 and saved["profile"] == "smoke" and "ssmis_seconds" in saved
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = T.run_grid("smoke", ["qata-synth"], [7], **kw)  # reuse: nothing retrained, same numbers
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    pd.testing.assert_frame_equal(runs, again)
+    with pytest.raises(ValueError, match="no implementation"):
+        T.run_one("smoke", "qata-synth", "ucmt", 0.25, 7)
+
+
+def test_renderer_mean_and_std_over_seeds_and_paper_numbers(tmp_outputs):
+    dices = {1: 0.70, 2: 0.74, 3: 0.75}
+    for seed, d in dices.items():
+        _fake_run("demo", "qata-synth", "mt", 0.5, seed, d, d - 0.1)
+        _fake_run("demo", "nuclei-real", "mt", 0.5, seed, d / 2, d / 3)
+    _fake_run("demo", "qata-synth", "dusss", 0.5, 1, 0.8, 0.7)
+    _fake_run("demo", "qata-synth", "unet100", 0.25, 1, 0.9, 0.8)  # fixed ratio 1.0 whatever is asked
+    runs = T.load_runs("demo")
+    t = T.render_tables(runs, table1_rows=["unet100", "mt"], table1_ratios=[0.5],
+                        table2_rows=["mt", "sss", "dusss"])
+    t2 = t["table2"].set_index(["row", "dataset"])
+    vals = np.array(list(dices.values()))
+    r = t2.loc[("mt", "qata-synth")]
+    assert r["n_seeds"] == 3
+    assert r["dice_mean"] == pytest.approx(100 * vals.mean())
+    assert r["dice_std"] == pytest.approx(100 * vals.std(ddof=1))
+    assert r["miou_mean"] == pytest.approx(100 * (vals - 0.1).mean())
+    assert t2.loc[("mt", "nuclei-real")]["dice_mean"] == pytest.approx(50 * vals.mean())
+    assert r["paper_dice"] == 79.64 and t2.loc[("mt", "nuclei-real")]["paper_dice"] == 75.15  # MoNuSeg column
+    d = t2.loc[("dusss", "qata-synth")]
+    assert d["n_seeds"] == 1 and d["dice_std"] == 0.0 and d["paper_dice"] == 82.52
+    assert t2.loc[("sss", "qata-synth")]["n_seeds"] == 0 and np.isnan(t2.loc[("sss", "qata-synth")]["dice_mean"])
+    t1 = t["table1"].set_index(["row", "dataset"])
+    assert t1.loc[("unet100", "qata-synth")]["ratio"] == 1.0 and t1.loc[("unet100", "qata-synth")]["paper_dice"] == 79.02
+    md = t["table2_md"]
+    assert f"{100 * vals.mean():.2f} ± {100 * vals.std(ddof=1):.2f}" in md
+    assert "80.00 (1 seed)" in md and "| 82.52 | 70.00 (1 seed) | 75.87 | 1 | 1 / 1 |" in md  # DuSSS first in both
+    paths = T.write_outputs(t, "smoke", T.complexity())
+    assert pd.read_csv(paths["table2_csv"])["n_seeds"].sum() == 3 + 3 + 1
+
+
+def test_table2_rank_column_orders_rows_by_dice(tmp_outputs):
+    _fake_run("demo", "qata-synth", "mt", 0.5, 1, 0.6, 0.5)
+    _fake_run("demo", "qata-synth", "dusss", 0.5, 1, 0.8, 0.7)
+    md = T.render_tables(T.load_runs("demo"), table1_rows=[], table2_rows=["mt", "dusss"])["table2_md"]
+    lines = {ln.split("|")[2].strip(): ln for ln in md.splitlines()[2:]}
+    assert lines["Mean Teacher"].rstrip().endswith("| 2 / 2 |")
+    assert lines["DuSSS (SSS + DCL + L_tg)"].rstrip().endswith("| 1 / 1 |")
+
+
+def test_paper_tables_typed_as_printed():
+    p1, p2 = paper_table1(), paper_table2()
+    assert len(p1) == 25 and len(p2) == 7
+    ours = p1[(p1["method"] == "DuSSS") & (p1["labels"] == 50)].iloc[0]
+    assert (ours["qata_dice"], ours["bmseg_dice"], ours["monuseg_miou"]) == (82.52, 74.61, 66.93)
+    assert p2.iloc[-1]["bmseg_dice"] == 76.41  # the paper's own inconsistency, kept
+    base = p2[(p2[["sss", "dcl", "tg"]] == 0).all(axis=1)].iloc[0]
+    mt50 = p1[(p1["method"] == "MT") & (p1["labels"] == 50)].iloc[0]
+    assert base["qata_dice"] == mt50["qata_dice"]  # Table 2's baseline is MT at 50 %
+
+
+def test_complexity_counts_the_paper_unet():
+    cx = T.complexity()
+    assert cx["params_m"] == pytest.approx(14.751873, abs=1e-6)
+    assert cx["gflops"] == pytest.approx(2 * cx["gmacs"])
+    assert 20 < cx["gmacs"] < 30 and cx["gflops"] > 40  # the paper's 25.19 G is of the MAC scale
+
+
+def test_grid_cost_counts_distinct_runs():
+    cost = T.grid_cost({"supervised": 10, "mt": 20, "bcp": 30, "dusss": 40, "pretrain": 50}, datasets=2, seeds=3)
+    c = cost.set_index("kind")
+    # per data set and seed: supervised at 25 %, 50 %, 100 %; mt, bcp at 2 ratios; dusss 2 + 2 + 5; 7 VLMs
+    assert c.loc["supervised", "runs"] == 18 and c.loc["mt", "runs"] == 12 and c.loc["bcp", "runs"] == 12
+    assert c.loc["dusss", "runs"] == 54 and c.loc["pretrain", "runs"] == 42
+    assert c.loc["total", "hours"] == pytest.approx((18 * 10 + 12 * 20 + 12 * 30 + 54 * 40 + 42 * 50) / 3600)
+
+
+def test_readme_section_is_generated_between_markers(tmp_outputs):
+    _fake_run("demo", "qata-synth", "mt", 0.5, 1, 0.6, 0.5)
+    t = T.render_tables(T.load_runs("demo"), table1_rows=["mt"], table1_ratios=[0.5], table2_rows=["mt"])
+    T.write_outputs(t, "demo")
+    readme = tmp_outputs / "README.md"
+    readme.write_text("# x\n## Tables 1 and 2\n<!-- section:tables -->\nhand text\n## Next\n")
+    T.write_readme_section("demo", readme)
+    first = readme.read_text()
+    assert "60.00 (1 seed)" in first and first.index("<!-- section:tables -->") < first.index(T.BEGIN)
+    assert first.count(T.BEGIN) == 1 and "hand text" in first and "## Next" in first
+    _fake_run("demo", "qata-synth", "mt", 0.5, 2, 0.7, 0.6)
+    T.write_outputs(T.render_tables(T.load_runs("demo"), table1_rows=["mt"], table1_ratios=[0.5],
+                                    table2_rows=["mt"]), "demo")
+    T.write_readme_section("demo", readme)
+    second = readme.read_text()
+    assert second.count(T.BEGIN) == 1 and "65.00 ± 7.07" in second and "60.00 (1 seed)" not in second
+    with pytest.raises(ValueError, match="section:tables"):
+        T.write_readme_section("demo", tmp_outputs / "results" / "04_table1.md")
