@@ -22,6 +22,7 @@ names the same lung zones.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import time
 from collections import defaultdict
@@ -50,6 +51,9 @@ log = get_logger(__name__)
 
 # keys that may differ between an interrupted run and the call that resumes it
 _RESUMABLE_KEYS = {"vlm_epochs", "device", "num_threads", "num_workers", "out_dir", "data_root"}
+# keys outside the Step-1 block of the config that change what Step 1 learns
+_STEP1_DATA_KEYS = ("seed", "dataset", "image_size", "synth_train", "synth_val", "synth_test", "synth_size",
+                    "nuclei_patch", "ratio", "augment")
 N_PARAPHRASES = 4  # second-view reports drawn per distinct training report
 
 
@@ -320,9 +324,16 @@ def _read_history(path: Path) -> list[dict[str, Any]]:
                 for row in csv.DictReader(fh)]
 
 
+def _step1_keys() -> list[str]:
+    """The config keys a Step-1 run depends on: its own block (``text_model`` .. before ``method``) and the data."""
+    names = [f.name for f in dataclasses.fields(Config)]
+    return list(_STEP1_DATA_KEYS) + names[names.index("text_model"):names.index("method")]
+
+
 def _check_resumable(saved: dict[str, Any], cfg: Config, folder: Path) -> None:
+    # Step-2 keys (and keys added to the config later) never invalidate a Step-1 run
     current = cfg.to_dict()
-    diff = sorted(k for k in current if k not in _RESUMABLE_KEYS and saved.get(k) != current[k])
+    diff = sorted(k for k in _step1_keys() if k not in _RESUMABLE_KEYS and saved.get(k) != current[k])
     if diff:
         raise ValueError(f"{folder} holds a pre-training run with other settings ({', '.join(diff)} differ); "
                          "choose another --out folder or delete that one to start afresh")
