@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--ratio", type=float, default=None, help="share of labelled images (config key ratio)")
             p.add_argument("--method", default=None, help="dusss | mt | supervised (config key method)")
             p.add_argument("--vlm", default=None, help="Step-1 checkpoint vlm.pt (config key vlm_checkpoint)")
+        elif name == "bench":
+            p.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (median)")
+            p.add_argument("--warmup", type=int, default=2, help="untimed rounds before them")
+            p.add_argument("--matmul-n", type=int, default=2048, help="side of the float32 reference matmul")
+            p.add_argument("--no-compile", action="store_true", help="skip the torch.compile U-Net variant")
+            p.add_argument("--steps-only", action="store_true",
+                           help="only the SSMIS step on random tensors at the profile's size (benchmarks/gpu_check.sh)")
         elif name == "evaluate":
             p.add_argument("--checkpoint", required=True, help="segmentation checkpoint written by ssmis")
             p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to score")
