@@ -46,6 +46,9 @@ def _atomic_replace(path: Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results and checkpoints are ordinary files
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)

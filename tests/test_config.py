@@ -102,3 +102,19 @@ def test_cli_rejects_bad_override_naming_the_key(capsys):
         cli_main(["ssmis", "--profile", "smoke", "--set", "epochz=3"])
     assert exc.value.code == 2
     assert "epochz" in capsys.readouterr().err
+
+
+def test_atomic_writes_make_ordinary_readable_files(tmp_path):
+    import os
+    import stat
+
+    from dusss.utils import atomic_write_json
+
+    umask = os.umask(0o022)
+    try:
+        path = atomic_write_json(tmp_path / "r.json", {"a": 1})
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left behind
