@@ -21,7 +21,25 @@ code where this loop allows:
   BCP's largest-connected-component filter of the pseudo labels is not used
   (QaTa lesions and nuclei come in many components).
 
-UCMT (Shen et al., IJCAI 2023) is not implemented here (see the README).
+``method=ucmt``: a simplified UCMT, after Shen, Cao, Yang, Liu, Yang & Zaiane,
+"Co-training with High-Confidence Pseudo Labels for Semi-supervised Medical
+Image Segmentation", IJCAI 2023 (github.com/Senyh/UCMT). Settings:
+
+- two students (the loop's U-Net and a second U-Net of the same shape with its
+  own initialisation and Adam optimiser; UCMT shares one encoder between two
+  decoders) and an EMA teacher of the first student (Eq. 12);
+- hard pseudo labels from the teacher, ``sigmoid(z_teacher) > threshold``;
+- uncertainty = binary entropy of the two students' mean probability on the
+  unlabelled image (high where they disagree or are unsure);
+- UMIX: each image is cut into a ``ucmt_grid`` x ``ucmt_grid`` grid; its
+  ``ucmt_topk`` most uncertain patches (mean uncertainty) are replaced by the
+  ``ucmt_topk`` most certain patches of the next image in the batch (the r-th
+  most uncertain by the r-th most certain), the pseudo labels likewise;
+- each student: ``L_sup`` (Eq. 14) on the labelled images plus, ramped up like
+  ``L_semi`` (``cons_weight``, ``rampup_epochs``), BCE to the pseudo labels on the
+  unlabelled and on the UMIX images (the mean of the two).
+
+The first student is the network that is validated, saved and tested.
 """
 from __future__ import annotations
 
@@ -33,9 +51,10 @@ from torch import Tensor, nn
 
 from .config import Config
 
-__all__ = ["BASELINE_METHODS", "box_mask", "copy_paste", "WeightedBCELoss", "BCPStep", "make_baseline"]
+__all__ = ["BASELINE_METHODS", "box_mask", "copy_paste", "WeightedBCELoss", "BCPStep", "umix", "binary_entropy",
+           "UCMTStep", "make_baseline"]
 
-BASELINE_METHODS = ("bcp",)  # methods whose training step lives in this module
+BASELINE_METHODS = ("bcp", "ucmt")  # methods whose training step lives in this module
 
 
 def box_mask(height: int, width: int, frac: float, *, generator: torch.Generator | None = None,
@@ -89,14 +108,21 @@ class BCPStep:
     the semi-supervised stage (0 while pre-training, 1 after).
     """
 
+    def state_dict(self) -> dict:
+        """Nothing to save: BCP draws its boxes from torch's global RNG, which the loop's checkpoint holds."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Counterpart of :meth:`state_dict` (nothing to restore)."""
+
     def __init__(self, cfg: Config) -> None:
         self.box, self.u_weight, self.threshold = cfg.bcp_box, cfg.bcp_u_weight, cfg.threshold
         self.pre_epochs = max(1, round(cfg.bcp_pretrain_frac * cfg.epochs)) if cfg.bcp_pretrain_frac > 0 else 0
         self.loss = WeightedBCELoss()
 
     def __call__(self, student: nn.Module, teacher: nn.Module, x_l: Tensor, y_l: Tensor, x_u: Tensor,
-                 epoch: int, step: int) -> tuple[Tensor, Tensor, dict[str, Tensor], float]:
-        """Loss of one step at ``epoch`` (0-based, as the loop counts before it increments) and ``step``."""
+                 epoch: int, step: int, steps: int) -> tuple[Tensor, Tensor, dict[str, Tensor], float]:
+        """Loss of one step at ``epoch`` (0-based, as the loop counts before it increments), ``step`` of ``steps``."""
         m = box_mask(x_l.shape[-2], x_l.shape[-1], self.box, device=x_l.device)  # (1, 1, H, W), torch's RNG
         ones = torch.ones_like(y_l)  # (Bl, 1, H, W)
         if epoch < self.pre_epochs:  # pre-training: copy-paste between labelled images only
@@ -125,8 +151,102 @@ class BCPStep:
         return l_sup + l_semi, l_sup, {"semi": l_semi}, 1.0
 
 
-def make_baseline(cfg: Config) -> Any:
-    """The step object for ``cfg.method`` if it is in :data:`BASELINE_METHODS`, else None."""
+def binary_entropy(p: Tensor) -> Tensor:
+    """``−p log p − (1 − p) log(1 − p)`` in nats, elementwise, finite at p = 0 and 1."""
+    p = p.clamp(1e-6, 1 - 1e-6)
+    return -(p * p.log() + (1 - p) * (1 - p).log())
+
+
+def umix(x: Tensor, y: Tensor, uncertainty: Tensor, grid: int, k: int) -> tuple[Tensor, Tensor]:
+    """UCMT's UMIX: in image ``i`` replace the ``k`` most uncertain grid patches by the ``k`` most certain of image ``i+1``.
+
+    ``x`` (B, C, H, W), ``y`` (B, 1, H, W) and ``uncertainty`` (B, 1, H, W);
+    the image is cut into ``grid`` x ``grid`` patches of ``H // grid`` x
+    ``W // grid`` pixels (a remainder strip is never moved). Patch scores are
+    the mean uncertainty; the r-th most uncertain patch of image ``i`` receives
+    the r-th most certain patch of image ``(i + 1) mod B``, and ``y`` is mixed
+    identically. Returns the mixed ``(x, y)``; the inputs are not changed.
+    """
+    b, _, h, w = x.shape
+    if not 1 <= k <= grid * grid:
+        raise ValueError(f"ucmt_topk = {k} must be in [1, ucmt_grid**2 = {grid * grid}]")
+    ph, pw = h // grid, w // grid
+    if ph == 0 or pw == 0:
+        raise ValueError(f"ucmt_grid = {grid} is larger than the image ({h}x{w}); lower it")
+    score = F.avg_pool2d(uncertainty[..., : ph * grid, : pw * grid], (ph, pw)).flatten(1)  # (B, grid*grid)
+    hi = score.topk(k, dim=1).indices  # (B, k) most uncertain
+    lo = (-score).topk(k, dim=1).indices  # (B, k) most certain
+    x_out, y_out = x.clone(), y.clone()
+    for i in range(b):
+        j = (i + 1) % b
+        for dst, src in zip(hi[i].tolist(), lo[j].tolist()):
+            dy, dx, sy, sx = (dst // grid) * ph, (dst % grid) * pw, (src // grid) * ph, (src % grid) * pw
+            x_out[i, :, dy:dy + ph, dx:dx + pw] = x[j, :, sy:sy + ph, sx:sx + pw]
+            y_out[i, :, dy:dy + ph, dx:dx + pw] = y[j, :, sy:sy + ph, sx:sx + pw]
+    return x_out, y_out
+
+
+class UCMTStep:
+    """One simplified-UCMT step inside :func:`dusss.ssmis.train_ssmis` (settings: see the module docstring).
+
+    Holds the second student and its optimiser (saved in the loop's
+    ``last.pt`` through :meth:`state_dict`). :meth:`__call__` trains the
+    second student itself and returns the first student's
+    ``(loss, l_sup, terms, weight)`` for the loop to optimise.
+    """
+
+    def __init__(self, cfg: Config, device: torch.device | str = "cpu") -> None:
+        from .losses import SupervisedSegLoss
+        from .unet import build_unet
+
+        with torch.random.fork_rng(devices=[]):  # its own initialisation, leaving the loop's RNG untouched
+            torch.manual_seed(cfg.seed + 5)
+            self.student2 = build_unet(cfg).to(device).train()
+        self.optimizer2 = torch.optim.Adam(self.student2.parameters(), lr=cfg.lr)
+        self.grid, self.k, self.threshold = cfg.ucmt_grid, cfg.ucmt_topk, cfg.threshold
+        self.cons_weight, self.rampup = cfg.cons_weight, cfg.rampup_epochs
+        self.sup = SupervisedSegLoss()
+
+    def state_dict(self) -> dict:
+        """The second student's weights and optimiser state."""
+        return {"student2": self.student2.state_dict(), "optimizer2": self.optimizer2.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (resume); an empty dict leaves the fresh second student."""
+        if not state:
+            return
+        self.student2.load_state_dict(state["student2"])
+        self.optimizer2.load_state_dict(state["optimizer2"])
+
+    def __call__(self, student: nn.Module, teacher: nn.Module, x_l: Tensor, y_l: Tensor, x_u: Tensor,
+                 epoch: int, step: int, steps: int) -> tuple[Tensor, Tensor, dict[str, Tensor], float]:
+        """Loss of student 1 at ``epoch`` (0-based), ``step`` of ``steps``; student 2 takes its own step here."""
+        from .losses import sigmoid_rampup
+
+        weight = self.cons_weight * sigmoid_rampup(epoch + step / steps, self.rampup)
+        n_l = len(x_l)
+        z1 = student(torch.cat([x_l, x_u]))  # (Bl + Bu, 1, H, W)
+        z2 = self.student2(torch.cat([x_l, x_u]))
+        with torch.no_grad():
+            y_u = (torch.sigmoid(teacher(x_u)) > self.threshold).to(x_u.dtype)  # (Bu, 1, H, W)
+            p_mean = (torch.sigmoid(z1[n_l:]) + torch.sigmoid(z2[n_l:])) / 2
+            x_m, y_m = umix(x_u, y_u, binary_entropy(p_mean), self.grid, self.k)
+        losses = []
+        for net, z in ((student, z1), (self.student2, z2)):
+            l_sup = self.sup(z[:n_l], y_l)
+            l_semi = (self.sup(z[n_l:], y_u) + self.sup(net(x_m), y_m)) / 2
+            losses.append((l_sup + weight * l_semi, l_sup, l_semi))
+        self.optimizer2.zero_grad(set_to_none=True)
+        losses[1][0].backward()
+        self.optimizer2.step()
+        loss, l_sup, l_semi = losses[0]
+        return loss, l_sup, {"semi": l_semi}, weight
+
+
+def make_baseline(cfg: Config, device: torch.device | str = "cpu") -> Any:
+    """The step object for ``cfg.method`` if it is in :data:`BASELINE_METHODS` (on ``device``), else None."""
     if cfg.method == "bcp":
         return BCPStep(cfg)
+    if cfg.method == "ucmt":
+        return UCMTStep(cfg, device)
     return None

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("dusss.pretrain", "Step 1: pre-train the DuSSS vision-language model"),
     "ssmis": ("dusss.ssmis", "Step 2: text-guided Mean-Teacher segmentation (or mt / supervised)"),
     "evaluate": ("dusss.evaluate", "Dice and mIoU of a segmentation checkpoint on a split"),
+    "tables": ("dusss.tables", "Tables 1 and 2: train the missing runs for one data set and seed, render the tables"),
     "bench": ("dusss.bench", "speed benchmark: text-guidance cost, GFLOP/s, throughput, loader"),
 }
 
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--text-dir", default=None, help="prepare-qata: folder with LViT's *_text.xlsx workbooks")
         elif name == "ssmis":
             p.add_argument("--ratio", type=float, default=None, help="share of labelled images (config key ratio)")
-            p.add_argument("--method", default=None, help="dusss | mt | supervised (config key method)")
+            p.add_argument("--method", default=None, help="dusss | mt | supervised | bcp | ucmt (config key method)")
             p.add_argument("--vlm", default=None, help="Step-1 checkpoint vlm.pt (config key vlm_checkpoint)")
         elif name == "bench":
             p.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (median)")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-METHODS = ("dusss", "mt", "supervised", "bcp")  # SSMIS methods sharing one training loop (bcp: dusss.baselines)
+METHODS = ("dusss", "mt", "supervised", "bcp", "ucmt")  # SSMIS methods sharing one training loop (bcp, ucmt: dusss.baselines)
 
 __all__ = ["Config", "ConfigError", "PROFILES", "make_config", "parse_overrides", "default_profile"]
 
@@ -108,6 +108,8 @@ class Config:
     bcp_box: float = 0.6667  # BCP (Bai et al. 2023): side of the copy-paste box as a share of the image side (2/3)
     bcp_u_weight: float = 0.5  # BCP: weight of pseudo-labelled pixels in the mixed loss (ground-truth pixels: 1)
     bcp_pretrain_frac: float = 0.25  # BCP: share of the epochs spent pre-training on labelled copy-paste (BCP: 10k of 40k iterations)
+    ucmt_grid: int = 4  # UCMT (Shen et al. 2023) UMIX: patches per image side
+    ucmt_topk: int = 4  # UCMT UMIX: most uncertain patches replaced per image (by the other image's most certain)
     out_dir: str = ""  # "" = runs/<command>/<dataset>/...
 
     # ------------------------------------------------------------------
@@ -289,8 +291,9 @@ def _check_ranges(cfg: Config) -> None:
         ("bcp_box", 0.0 < cfg.bcp_box <= 1.0, "must be in (0, 1] (BCP: 2/3)"),
         ("bcp_u_weight", cfg.bcp_u_weight >= 0, "must be >= 0 (BCP: 0.5)"),
         ("bcp_pretrain_frac", 0.0 <= cfg.bcp_pretrain_frac < 1.0, "must be in [0, 1) (BCP: 0.25)"),
+        ("ucmt_topk", 1 <= cfg.ucmt_topk <= cfg.ucmt_grid ** 2, "must be in [1, ucmt_grid**2]"),
     ]
-    for key in ("epochs", "vlm_epochs", "labeled_bs", "unlabeled_bs", "vlm_batch_size", "unet_base",
+    for key in ("ucmt_grid", "epochs", "vlm_epochs", "labeled_bs", "unlabeled_bs", "vlm_batch_size", "unet_base",
                 "vit_width", "vit_depth", "vit_heads", "embed_dim", "vit_patch", "patience"):
         checks.append((key, getattr(cfg, key) > 0, "must be > 0"))
     for key, ok, why in checks:

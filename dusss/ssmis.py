@@ -388,7 +388,7 @@ def _train_ssmis(cfg: Config, info: DistInfo, *, progress: bool) -> dict[str, An
     optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     model = ddp_wrap(student, info)  # torchrun: gradients averaged over ranks; the student itself otherwise
     sup_loss, semi_loss = SupervisedSegLoss(), TextGuidedSemiLoss()
-    baseline = make_baseline(cfg)  # bcp: its own step (dusss.baselines); None for dusss / mt / supervised
+    baseline = make_baseline(cfg, device)  # bcp / ucmt: their own step (dusss.baselines); None for dusss / mt / supervised
 
     guidance = _load_guidance(cfg, device) if cfg.method == "dusss" else None
     diag_pos = unl_pos[: cfg.diag_images] if cfg.diag_images > 0 else list(unl_pos)
@@ -426,6 +426,8 @@ def _train_ssmis(cfg: Config, info: DistInfo, *, progress: bool) -> dict[str, An
         if semi:
             teacher.load_state_dict(state["teacher"])
         optimizer.load_state_dict(state["optimizer"])
+        if baseline is not None:
+            baseline.load_state_dict(state.get("baseline", {}))
         for gen, key in ((lab_gen, "lab_gen"), (unl_gen, "unl_gen"), (lab_aug.generator, "lab_aug"),
                          (unl_aug.generator, "unl_aug")):
             gen.set_state(state["rng"][key])
@@ -443,7 +445,7 @@ def _train_ssmis(cfg: Config, info: DistInfo, *, progress: bool) -> dict[str, An
             "teacher": teacher.state_dict() if semi else {}, "optimizer": optimizer.state_dict(),
             "epoch": epoch, "global_step": global_step, "best_dice": best_dice, "best_epoch": best_epoch,
             "bad_epochs": bad_epochs, "stopped_early": stopped_early, "finished": finished, "history": history,
-            "vlm_digest": digest,
+            "vlm_digest": digest, "baseline": baseline.state_dict() if baseline is not None else {},
             "rng": {"torch": torch.get_rng_state(), "lab_gen": lab_gen.get_state(), "unl_gen": unl_gen.get_state(),
                     "lab_aug": lab_aug.generator.get_state(), "unl_aug": unl_aug.generator.get_state()},
         }
@@ -461,7 +463,7 @@ def _train_ssmis(cfg: Config, info: DistInfo, *, progress: bool) -> dict[str, An
             x_l, y_l = lb["image"].to(device), lb["mask"].to(device)  # (Bl, 3, H, W), (Bl, 1, H, W)
             if baseline is not None:
                 x_u = next(unl_iter)["image"].to(device)  # (Bu, 3, H, W)
-                loss, l_sup, terms, weight = baseline(student, teacher, x_l, y_l, x_u, epoch, step)
+                loss, l_sup, terms, weight = baseline(student, teacher, x_l, y_l, x_u, epoch, step, steps)
             elif semi:
                 ub = next(unl_iter)
                 x_u = ub["image"].to(device)  # (Bu, 3, H, W)

@@ -18,8 +18,8 @@ generated-block markers.
 Rows (``ROWS``): Table 1 = U-Net at 100 % labels, U-Net on the labelled part
 only, Mean Teacher, BCP (:mod:`dusss.baselines`), a CLIP-style VLM (DuSSS's
 Step 2 with a VLM pre-trained by plain cross-modal InfoNCE: SSS, IMC and
-``L_tg`` off) and DuSSS; UCMT is listed with the paper's numbers only (not
-implemented). Table 2 = the seven switch combinations of the paper at 50 %
+``L_tg`` off) and DuSSS; BCP and a simplified UCMT come from
+:mod:`dusss.baselines`. Table 2 = the seven switch combinations of the paper at 50 %
 labels; its baseline (no SSS, no DCL, no ``L_tg``) is the Mean Teacher run and
 its last row the DuSSS run, shared with Table 1.
 """
@@ -34,13 +34,13 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-from .config import Config, make_config
+from .config import Config, make_config, parse_overrides
 from .paths import default_vlm_checkpoint, results_dir, tagged
 from .utils import atomic_write_json, atomic_write_text, get_logger, repo_root
 
 __all__ = ["RowSpec", "ROWS", "TABLE1_ROWS", "TABLE2_ROWS", "PAPER_NAMES", "run_name", "run_file", "run_one",
            "run_grid", "load_runs", "summarise", "render_tables", "complexity", "write_outputs", "plot_tables",
-           "grid_cost", "write_readme_section", "PRETRAIN_RATIO"]
+           "grid_cost", "measured_seconds", "write_readme_section", "PRETRAIN_RATIO"]
 
 log = get_logger(__name__)
 
@@ -76,7 +76,7 @@ ROWS: dict[str, RowSpec] = {
     "unet": RowSpec("U-Net, labelled part only", "supervised"),
     "mt": RowSpec("Mean Teacher", "mt", paper1="MT", paper2=(0, 0, 0)),
     "bcp": RowSpec("BCP", "bcp", paper1="BCP"),
-    "ucmt": RowSpec("UCMT (not implemented)", None, paper1="UCMT"),
+    "ucmt": RowSpec("UCMT (simplified)", "ucmt", paper1="UCMT"),
     "clip": RowSpec("CLIP-style VLM + text-guided SSMIS", "dusss", _vlm(False, False, False)),
     "sss": RowSpec("SSS", "dusss", _vlm(True, False, False), paper2=(1, 0, 0)),
     "dcl": RowSpec("DCL", "dusss", _vlm(False, True, False), paper2=(0, 1, 0)),
@@ -169,7 +169,7 @@ def run_grid(profile: str, datasets: Iterable[str], seeds: Iterable[int], *,
     The grid is every implemented row of ``table1_rows`` at every ratio of
     ``table1_ratios`` (rows with a fixed ratio once) plus ``table2_rows`` at
     ``table2_ratio``, for each data set and seed; runs shared by both tables
-    are trained once. With ``run_missing=False`` nothing is trained: only the
+    are trained once (rows without an implementation are skipped). With ``run_missing=False`` nothing is trained: only the
     results files already under ``results/runs/`` are read.
     """
     from tqdm.auto import tqdm
@@ -209,18 +209,21 @@ def load_runs(profile: str, datasets: Iterable[str] | None = None) -> pd.DataFra
     return pd.DataFrame(rows, columns=cols)
 
 
-def summarise(runs: pd.DataFrame, rows: Iterable[str], ratios: Iterable[float], table: str) -> pd.DataFrame:
+def summarise(runs: pd.DataFrame, rows: Iterable[str], ratios: Iterable[float], table: str,
+              datasets: Iterable[str] | None = None) -> pd.DataFrame:
     """Mean ± std (sample std, ddof=1; 0 for one seed) of Dice and mIoU in per cent over seeds, per row, ratio, data set.
 
     ``runs`` is :func:`load_runs`; runs are matched to rows by
     :func:`run_name` without the seed. Every (row, ratio, data set) appears,
     with ``n_seeds = 0`` and NaN where no run exists, and the paper's numbers
-    (``paper_dice``, ``paper_miou``) where the paper has that row.
+    (``paper_dice``, ``paper_miou``) where the paper has that row. ``datasets``
+    None = the data sets that have runs.
     """
     from .paper_tables import paper_table1, paper_table2
 
     p1, p2 = paper_table1(), paper_table2()
-    datasets = list(dict.fromkeys(runs["dataset"])) if len(runs) else []
+    if datasets is None:
+        datasets = list(dict.fromkeys(runs["dataset"])) if len(runs) else []
     runs = runs.assign(stem=runs["run"].str.replace(r"-s\d+$", "", regex=True))
     out = []
     for row in rows:
@@ -298,15 +301,16 @@ def _markdown(summary: pd.DataFrame, *, ranks: bool) -> str:
 
 def render_tables(runs: pd.DataFrame, *, table1_rows: Iterable[str] = TABLE1_ROWS,
                   table1_ratios: Iterable[float] = (0.25, 0.5), table2_rows: Iterable[str] = TABLE2_ROWS,
-                  table2_ratio: float = 0.5) -> dict[str, Any]:
+                  table2_ratio: float = 0.5, datasets: Iterable[str] | None = None) -> dict[str, Any]:
     """Both tables from :func:`load_runs`: ``{"table1", "table2"}`` summaries and ``{"table1_md", "table2_md"}``.
 
     Table 2's Markdown adds, per data set, each row's Dice rank among the
     rows here next to its rank in the paper (1 = best), so whether each
     component helps here as it did there can be read off directly.
     """
-    t1 = summarise(runs, table1_rows, table1_ratios, "table1")
-    t2 = summarise(runs, table2_rows, [table2_ratio], "table2")
+    datasets = list(datasets) if datasets is not None else None
+    t1 = summarise(runs, table1_rows, table1_ratios, "table1", datasets)
+    t2 = summarise(runs, table2_rows, [table2_ratio], "table2", datasets)
     return {"table1": t1, "table2": t2, "table1_md": _markdown(t1, ranks=False) if len(t1) else "",
             "table2_md": _markdown(t2, ranks=True) if len(t2) else ""}
 
@@ -377,7 +381,11 @@ def write_outputs(tables: dict[str, Any], profile: str, cx: dict[str, float] | N
                    f"{cx['gflops']:.2f} GFLOPs (paper: {cx['paper_params_m']} M, {cx['paper_g']} G).\n")
         atomic_write_text(out / f"{stem}.md", md)
         paths[f"{name}_csv"], paths[f"{name}_md"] = out / f"{stem}.csv", out / f"{stem}.md"
-    paths["figure"] = save_figure(plot_tables(tables), tagged("04_tables", profile))
+    import matplotlib.pyplot as plt
+
+    fig = plot_tables(tables)
+    paths["figure"] = save_figure(fig, tagged("04_tables", profile))
+    plt.close(fig)
     return paths
 
 
@@ -412,6 +420,31 @@ def grid_cost(seconds: Mapping[str, float], *, datasets: int, seeds: int,
     return pd.concat([df, total], ignore_index=True)
 
 
+def measured_seconds(profile: str, runs: pd.DataFrame | None = None) -> dict[str, float]:
+    """Median seconds per kind of run at ``profile``, measured on this machine, for :func:`grid_cost`.
+
+    Step-2 kinds (``supervised``, ``mt``, ``bcp``, ``dusss``): the median
+    ``train_seconds`` (training epochs, without data preparation and testing)
+    of the runs in ``runs`` (:func:`load_runs`, default: all of ``profile``);
+    ``pretrain``: the median ``seconds_this_call`` of the finished Step-1 runs
+    under ``runs/pretrain/*-<profile>/`` that trained every epoch in one call.
+    Kinds with no measurement are missing from the dict.
+    """
+    from .paths import runs_dir
+
+    runs = load_runs(profile) if runs is None else runs
+    out = {m: float(g["train_seconds"].median()) for m, g in runs.groupby("method")}
+    pre = []
+    for path in runs_dir().glob(f"pretrain/*-{profile}/*/metrics.json"):
+        m = json.loads(path.read_text())
+        cfg = json.loads((path.parent / "config.json").read_text()) if (path.parent / "config.json").is_file() else {}
+        if m.get("seconds_this_call", 0) > 0 and m.get("epochs") == cfg.get("vlm_epochs", m.get("epochs")):
+            pre.append(m["seconds_this_call"])
+    if pre:
+        out["pretrain"] = float(pd.Series(pre).median())
+    return out
+
+
 BEGIN, END = "<!-- tables:begin (generated by dusss.tables.write_readme_section) -->", "<!-- tables:end -->"
 
 
@@ -443,3 +476,21 @@ def write_readme_section(profile: str = "demo", readme: str | Path | None = None
         text = text[:i] + "\n" + block + text[i:]
     atomic_write_text(readme, text)
     return block
+
+
+def run(args, cfg: Config) -> int:
+    """``python -m dusss tables``: fill the grid for ``cfg.dataset`` and ``cfg.seed`` at ``cfg.profile``, then render.
+
+    Trains every missing run of both tables (all rows of :data:`TABLE1_ROWS`
+    and :data:`TABLE2_ROWS`; hours at ``demo``), then re-renders the tables
+    from every results file of the profile and writes them to ``results/`` and
+    ``figures/``. Other ``--set`` keys pass through to every run.
+    """
+    overrides = {k: v for k, v in parse_overrides(args.overrides).items() if k not in ("dataset", "seed")}
+    run_grid(cfg.profile, [cfg.dataset], [cfg.seed], overrides=overrides, run_missing=True)
+    tables = render_tables(load_runs(cfg.profile))
+    paths = write_outputs(tables, cfg.profile, complexity())
+    print(tables["table1_md"])
+    print(tables["table2_md"])
+    print("written:", ", ".join(str(p) for p in paths.values()))
+    return 0

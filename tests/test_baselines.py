@@ -73,7 +73,7 @@ def test_bcp_step_targets_and_weights_match_a_hand_computation():
     x_l, x_u = torch.rand(3, 3, 16, 16), torch.rand(3, 3, 16, 16)
     y_l = (torch.rand(3, 1, 16, 16) > 0.7).float()
     state = torch.get_rng_state()
-    loss, l_sup, terms, weight = step(student, teacher, x_l, y_l, x_u, epoch=1, step=0)
+    loss, l_sup, terms, weight = step(student, teacher, x_l, y_l, x_u, epoch=1, step=0, steps=10)
     assert weight == 1.0 and math.isfinite(loss.item())
     assert torch.allclose(loss, l_sup + terms["semi"])
     # teacher restarts as a copy of the student at the start of the semi-supervised stage
@@ -102,5 +102,55 @@ def test_bcp_pretraining_stage_uses_labelled_images_only():
     student, teacher = build_unet(cfg), build_unet(cfg)
     x_l, y_l = torch.rand(2, 3, 16, 16), (torch.rand(2, 1, 16, 16) > 0.5).float()
     x_u = torch.full((2, 3, 16, 16), float("nan"))  # any use of the unlabelled images would give NaN
-    loss, l_sup, terms, weight = step(student, teacher, x_l, y_l, x_u, epoch=0, step=0)
+    loss, l_sup, terms, weight = step(student, teacher, x_l, y_l, x_u, epoch=0, step=0, steps=10)
     assert weight == 0.0 and terms["semi"].item() == 0.0 and torch.isfinite(loss)
+
+
+def test_umix_against_hand_computation():
+    from dusss.baselines import umix
+
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float).reshape(2, 1, 4, 4)  # 2 images, 2x2 grid of 2x2 patches
+    y = (x % 3 == 0).float()
+    u = torch.zeros(2, 1, 4, 4)
+    u[0, :, 0:2, 2:4] = 1.0  # image 0: patch 1 (top right) most uncertain
+    u[0, :, 2:4, 0:2] = 0.5  # then patch 2 (bottom left)
+    u[1] = 1.0
+    u[1, :, 2:4, 2:4] = 0.0  # image 1: patch 3 (bottom right) most certain
+    u[1, :, 0:2, 0:2] = 0.2  # then patch 0 (top left)
+    xm, ym = umix(x, y, u, grid=2, k=2)
+    hand = x.clone()
+    hand[0, :, 0:2, 2:4] = x[1, :, 2:4, 2:4]  # most uncertain <- most certain of the next image
+    hand[0, :, 2:4, 0:2] = x[1, :, 0:2, 0:2]  # second <- second
+    # image 1 receives from image 0 (wrap-around): its two most uncertain patches (ties: 1, 2 in topk order)
+    assert torch.equal(xm[0], hand[0])
+    changed = (xm[1] != x[1]).flatten().sum().item()
+    assert changed == 8  # exactly two 2x2 patches replaced
+    assert torch.equal(ym, (xm % 3 == 0).float())  # labels moved with their pixels
+    assert torch.equal(x, torch.arange(32, dtype=torch.float).reshape(2, 1, 4, 4))  # input untouched
+    with pytest.raises(ValueError, match="ucmt_topk"):
+        umix(x, y, u, grid=2, k=5)
+
+
+def test_ucmt_step_trains_the_second_student_and_returns_the_first_students_loss():
+    from dusss.baselines import UCMTStep, binary_entropy
+
+    assert torch.allclose(binary_entropy(torch.tensor([0.0, 0.5, 1.0])), torch.tensor([0.0, math.log(2), 0.0]),
+                          atol=1e-4)
+    cfg = make_config("smoke", image_size=16, unet_base=4, method="ucmt", ucmt_grid=4, ucmt_topk=3)
+    torch.manual_seed(0)
+    student, teacher = build_unet(cfg), build_unet(cfg)
+    step = UCMTStep(cfg)
+    before = [p.detach().clone() for p in step.student2.parameters()]
+    x_l, x_u = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    y_l = (torch.rand(2, 1, 16, 16) > 0.6).float()
+    loss, l_sup, terms, weight = step(student, teacher, x_l, y_l, x_u, epoch=5, step=0, steps=10)
+    assert 0 < weight <= cfg.cons_weight
+    assert torch.allclose(loss, l_sup + weight * terms["semi"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, step.student2.parameters()))  # student 2 stepped
+    assert all(p.grad is None for p in student.parameters())  # student 1 is left to the loop
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+    again = UCMTStep(cfg)
+    again.load_state_dict(step.state_dict())
+    for a, b in zip(again.student2.parameters(), step.student2.parameters()):
+        assert torch.equal(a, b)

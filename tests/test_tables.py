@@ -29,18 +29,18 @@ def test_grid_runs_for_real_at_smoke_writes_one_file_per_run_and_reuses_them(tmp
     kw = dict(table1_rows=["unet", "bcp", "ucmt"], table1_ratios=[0.25], table2_rows=["mt"],
               overrides={"epochs": 1, "num_threads": 1}, progress=False)
     runs = T.run_grid("smoke", ["qata-synth"], [7], **kw)
-    assert sorted(runs["run"]) == ["bcp-r0.25-s7", "mt-r0.5-s7", "supervised-r0.25-s7"]  # ucmt skipped
+    assert sorted(runs["run"]) == ["bcp-r0.25-s7", "mt-r0.5-s7", "supervised-r0.25-s7", "ucmt-r0.25-s7"]
     assert runs["test_dice"].between(0, 1).all() and runs["test_miou"].between(0, 1).all()
     files = sorted((tmp_outputs / "results" / "runs" / "qata-synth-smoke").glob("*.json"))
-    assert len(files) == 3
+    assert len(files) == 4
     saved = json.loads(files[0].read_text())
     assert saved["epochs_run"] == 1 and saved["profile"] == "smoke" and "ssmis_seconds" in saved
     stamps = [f.stat().st_mtime_ns for f in files]
     again = T.run_grid("smoke", ["qata-synth"], [7], **kw)  # reuse: nothing retrained, same numbers
     assert [f.stat().st_mtime_ns for f in files] == stamps
     pd.testing.assert_frame_equal(runs, again)
-    with pytest.raises(ValueError, match="no implementation"):
-        T.run_one("smoke", "qata-synth", "ucmt", 0.25, 7)
+    with pytest.raises(ValueError, match="unknown table row"):
+        T.run_one("smoke", "qata-synth", "ucmt2", 0.25, 7)
 
 
 def test_renderer_mean_and_std_over_seeds_and_paper_numbers(tmp_outputs):
@@ -104,10 +104,15 @@ def test_complexity_counts_the_paper_unet():
 def test_grid_cost_counts_distinct_runs():
     cost = T.grid_cost({"supervised": 10, "mt": 20, "bcp": 30, "dusss": 40, "pretrain": 50}, datasets=2, seeds=3)
     c = cost.set_index("kind")
-    # per data set and seed: supervised at 25 %, 50 %, 100 %; mt, bcp at 2 ratios; dusss 2 + 2 + 5; 7 VLMs
+    # per data set and seed: supervised at 25 %, 50 %, 100 %; mt, bcp, ucmt at 2 ratios; dusss 2 + 2 + 5; 7 VLMs
     assert c.loc["supervised", "runs"] == 18 and c.loc["mt", "runs"] == 12 and c.loc["bcp", "runs"] == 12
+    assert c.loc["ucmt", "runs"] == 12 and np.isnan(c.loc["ucmt", "seconds_each"])
     assert c.loc["dusss", "runs"] == 54 and c.loc["pretrain", "runs"] == 42
-    assert c.loc["total", "hours"] == pytest.approx((18 * 10 + 12 * 20 + 12 * 30 + 54 * 40 + 42 * 50) / 3600)
+    assert np.isnan(c.loc["total", "hours"])  # a kind without a measurement makes the total unknown
+    cost = T.grid_cost({"supervised": 10, "mt": 20, "bcp": 30, "ucmt": 35, "dusss": 40, "pretrain": 50}, datasets=2,
+                       seeds=3)
+    assert cost.set_index("kind").loc["total", "hours"] == pytest.approx(
+        (18 * 10 + 12 * 20 + 12 * 30 + 12 * 35 + 54 * 40 + 42 * 50) / 3600)
 
 
 def test_readme_section_is_generated_between_markers(tmp_outputs):
