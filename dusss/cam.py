@@ -23,7 +23,8 @@ and turns the pictures into numbers over a whole split:
 
 For Fig. 4, :func:`comparison_configs` names the Step-2 runs compared (Mean
 Teacher, BCP when the SSMIS code has it, DuSSS guided by the CLIP-style VLM,
-DuSSS), :func:`ensure_comparison_models` trains the missing ones,
+DuSSS), :func:`ensure_vlms` and :func:`ensure_comparison_models` train the
+missing VLMs and runs,
 :func:`select_by_quantiles` picks the test images by a fixed rule and
 :func:`plot_qualitative_grid` draws them.
 """
@@ -46,7 +47,7 @@ __all__ = [
     "CAM_METHODS", "TEXT_FREE_METHODS", "ImageEmbedder", "ReportSimilarityTarget", "vit_reshape_transform",
     "cam_target_layer", "activation_maps", "pairwise_correlation", "pairwise_iou", "activation_share",
     "reports_for", "measure_maps", "summarize_measures", "paired_difference", "clip_vlm_config",
-    "comparison_configs", "ensure_comparison_models", "select_by_quantiles", "predict_masks",
+    "comparison_configs", "ensure_vlms", "ensure_comparison_models", "select_by_quantiles", "predict_masks",
     "plot_paraphrase_maps", "plot_stability", "plot_qualitative_grid",
 ]
 
@@ -327,23 +328,34 @@ def comparison_configs(cfg: Config) -> dict[str, Config]:
     return runs
 
 
-def ensure_comparison_models(cfg: Config, *, progress: bool = True) -> dict[str, Path]:
-    """Pre-train both VLMs and train every run of :func:`comparison_configs` that is missing; label -> ``best.pt``.
+def ensure_vlms(cfg: Config, *, progress: bool = True) -> dict[str, Path]:
+    """Pre-train (or read) the DuSSS and the CLIP-style VLM of ``cfg``'s data set; ``{"DuSSS": vlm.pt, "CLIP": vlm.pt}``.
 
-    Finished runs are read, not retrained (:func:`dusss.pretrain.pretrain` and
-    :func:`dusss.ssmis.train_ssmis` return at once), so at the demo profile
-    this reuses what notebooks 02 and 03 wrote. The VLMs are pre-trained at
-    ``min(ratio, 0.25)`` labels, as notebook 03 does. Also returns the two VLM
-    checkpoints under ``"vlm:DuSSS"`` and ``"vlm:CLIP"``.
+    Both are pre-trained at ``min(ratio, 0.25)`` labels, as notebook 03 does,
+    so their mask supervision never saw an image that is unlabelled in Step 2;
+    a finished run is read, not retrained.
     """
     from .pretrain import pretrain
-    from .ssmis import train_ssmis
 
     vlm_cfg = cfg.replace(ratio=min(cfg.ratio, 0.25), out_dir="", vlm_checkpoint="")
     paths: dict[str, Path] = {}
     for label, c in (("DuSSS", vlm_cfg), ("CLIP", clip_vlm_config(vlm_cfg))):
         pretrain(c, progress=progress)
-        paths[f"vlm:{label}"] = default_vlm_checkpoint(c)
+        paths[label] = default_vlm_checkpoint(c)
+    return paths
+
+
+def ensure_comparison_models(cfg: Config, *, progress: bool = True) -> dict[str, Path]:
+    """Train every run of :func:`comparison_configs` that is missing (after :func:`ensure_vlms`); label -> ``best.pt``.
+
+    Finished runs are read, not retrained (:func:`dusss.ssmis.train_ssmis`
+    returns at once), so at the demo profile this reuses what notebooks 02 and
+    03 wrote.
+    """
+    from .ssmis import train_ssmis
+
+    ensure_vlms(cfg, progress=progress)
+    paths: dict[str, Path] = {}
     for label, run_cfg in comparison_configs(cfg).items():
         train_ssmis(run_cfg, progress=progress)
         paths[label] = ssmis_dir(run_cfg) / "best.pt"
