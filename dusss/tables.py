@@ -163,14 +163,19 @@ def run_grid(profile: str, datasets: Iterable[str], seeds: Iterable[int], *,
              table1_rows: Iterable[str] = TABLE1_ROWS, table1_ratios: Iterable[float] = (0.25, 0.5),
              table2_rows: Iterable[str] = TABLE2_ROWS, table2_ratio: float = 0.5,
              overrides: Mapping[str, Any] | None = None, run_missing: bool = True, rerun: bool = False,
-             progress: bool = True) -> pd.DataFrame:
+             adopt_finished: bool = True, progress: bool = True) -> pd.DataFrame:
     """Run (or only collect) the grid; returns :func:`load_runs` of the runs that exist afterwards.
 
     The grid is every implemented row of ``table1_rows`` at every ratio of
     ``table1_ratios`` (rows with a fixed ratio once) plus ``table2_rows`` at
     ``table2_ratio``, for each data set and seed; runs shared by both tables
     are trained once (rows without an implementation are skipped). With ``run_missing=False`` nothing is trained: only the
-    results files already under ``results/runs/`` are read.
+    results files already under ``results/runs/`` are read, plus (``adopt_finished``)
+    the runs finished elsewhere, e.g. by ``python -m dusss ssmis``: a missing
+    results file whose run folder (:func:`dusss.paths.ssmis_dir`) holds a
+    ``metrics.json`` with the same settings (and, for text-guided rows, the
+    VLM) is written from it without training; folders of other settings are
+    skipped with a warning.
     """
     from tqdm.auto import tqdm
 
@@ -182,6 +187,18 @@ def run_grid(profile: str, datasets: Iterable[str], seeds: Iterable[int], *,
                 if _spec(row).method is None:
                     continue
                 jobs.setdefault(f"{dataset}/{run_name(row, ratio, seed)}", (dataset, row, ratio, seed))
+    if adopt_finished and not rerun:
+        from .paths import ssmis_dir
+
+        for dataset, row, ratio, seed in jobs.values():
+            cfg = _config(profile, dataset, row, ratio, seed, overrides or {})
+            finished = (ssmis_dir(cfg) / "metrics.json").is_file()
+            has_vlm = _spec(row).method != "dusss" or default_vlm_checkpoint(cfg).is_file()
+            if finished and has_vlm and not run_file(profile, dataset, row, ratio, seed).is_file():
+                try:
+                    run_one(profile, dataset, row, ratio, seed, overrides=overrides)
+                except ValueError as exc:  # a folder of other settings: leave it alone
+                    log.warning("not adopting %s: %s", ssmis_dir(cfg), exc)
     if run_missing:
         todo = [j for j in jobs.values() if rerun or not run_file(profile, j[0], j[1], j[2], j[3]).is_file()]
         for dataset, row, ratio, seed in tqdm(todo, desc="grid runs", disable=not progress):

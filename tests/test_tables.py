@@ -133,3 +133,16 @@ def test_readme_section_is_generated_between_markers(tmp_outputs):
     assert second.count(T.BEGIN) == 1 and "65.00 ± 7.07" in second and "60.00 (1 seed)" not in second
     with pytest.raises(ValueError, match="section:tables"):
         T.write_readme_section("demo", tmp_outputs / "results" / "04_table1.md")
+
+
+def test_grid_adopts_runs_finished_outside_it_without_training(tmp_outputs):
+    from dusss.config import make_config
+    from dusss.ssmis import train_ssmis
+
+    m = train_ssmis(make_config("smoke", method="supervised", ratio=0.25, seed=9, epochs=1, num_threads=1),
+                    progress=False)
+    runs = T.run_grid("smoke", ["qata-synth"], [9], table1_rows=["unet", "mt"], table1_ratios=[0.25],
+                      table2_rows=[], run_missing=False, progress=False)
+    assert list(runs["run"]) == ["supervised-r0.25-s9"]  # adopted; mt was never run and is not trained
+    assert runs["test_dice"].iloc[0] == pytest.approx(m["test_dice"])
+    assert json.loads(T.run_file("smoke", "qata-synth", "unet", 0.25, 9).read_text())["ssmis_seconds"] < 5
