@@ -323,7 +323,8 @@ def render_tables(runs: pd.DataFrame, *, table1_rows: Iterable[str] = TABLE1_ROW
 
     Table 2's Markdown adds, per data set, each row's Dice rank among the
     rows here next to its rank in the paper (1 = best), so whether each
-    component helps here as it did there can be read off directly.
+    component helps here as it did there can be read off directly. ``datasets``
+    None = the data sets that have runs (else every one listed, empty cells "–").
     """
     datasets = list(datasets) if datasets is not None else None
     t1 = summarise(runs, table1_rows, table1_ratios, "table1", datasets)
