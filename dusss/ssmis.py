@@ -282,10 +282,20 @@ def _vlm_digest(cfg: Config) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def _step1_keys() -> set[str]:
+    """The Config fields of the Step-1 block: they shape the VLM, which a run identifies by its file digest instead."""
+    import inspect
+    import re
+
+    block = inspect.getsource(Config).split("---- step 1")[1].split("---- step 2")[0]
+    return set(re.findall(r"^\s+(\w+):", block, flags=re.M))
+
+
 def _check_resumable(saved: dict, cfg: Config, path: Path) -> None:
     now = cfg.to_dict()
+    free = _RESUME_FREE_KEYS | _step1_keys()
     # a key the saved run did not have yet (added to Config later) counts as unchanged
-    diff = sorted(k for k in now if k not in _RESUME_FREE_KEYS and saved.get(k, now[k]) != now[k])
+    diff = sorted(k for k in now if k not in free and saved.get(k, now[k]) != now[k])
     if diff:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff[:4])
         raise ValueError(f"{path} belongs to a run with other settings ({details}); choose another out_dir "
