@@ -41,7 +41,9 @@ from .losses import DualContrastiveLoss, SupervisedSegLoss, TextGuidedLoss, mask
 from .metrics import dice_iou_per_image, dice_of_masks
 from .paths import pretrain_dir
 from .utils import (atomic_torch_save, atomic_write_json, atomic_write_text, get_logger, load_checkpoint,
-                    resolve_device, seed_everything)
+                    seed_everything)
+from .distributed import (DistInfo, all_gather_objects, ddp_wrap, init_distributed, is_main_process, make_sampler,
+                          quiet_non_main, save_on_main, set_sampler_epoch, sync_buffers)
 from .vlm import DuSSSVLM
 
 __all__ = ["pretrain", "run", "evaluate_vlm", "MaskReferences", "photometric_view", "same_text_mask",
@@ -251,11 +253,12 @@ def _all_masks_texts(dataset) -> tuple[torch.Tensor, list[str]]:
 class _Objective(nn.Module):
     """The Step-1 loss terms under their switches, holding the learnable temperatures."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, *, gather: bool = False) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.dcl = DualContrastiveLoss.from_config(cfg) if (cfg.use_cmc or cfg.use_imc) else None
-        self.tg = TextGuidedLoss(tau_init=cfg.tau_init) if cfg.use_tg else None
+        self.cfg, self.gather = cfg, gather
+        # gather: under torchrun the contrastive terms score the global batch (negatives from every rank)
+        self.dcl = DualContrastiveLoss.from_config(cfg, gather=gather) if (cfg.use_cmc or cfg.use_imc) else None
+        self.tg = TextGuidedLoss(tau_init=cfg.tau_init, gather=gather) if cfg.use_tg else None
         self.sup = SupervisedSegLoss()
 
     def forward(self, model: DuSSSVLM, images: torch.Tensor, texts: list[str], texts2: list[str],
@@ -264,7 +267,9 @@ class _Objective(nn.Module):
         cfg = self.cfg
         ground = cfg.use_tg or (cfg.ground_sup and bool(labelled.any()))
         out = model(images, texts, ground=ground)
-        pos = same_text_mask(texts, images.device) if cfg.same_text_positive else None
+        # with gather, the same-report positives are marked over the reports of the global batch
+        pos = (same_text_mask(all_gather_objects(texts) if self.gather else texts, images.device)
+               if cfg.same_text_positive else None)
         zero = images.new_zeros(())
         terms = {"cmc": zero, "imc": zero, "imc_image": zero, "imc_text": zero, "tg": zero, "ground_sup": zero}
         loss = zero
@@ -339,6 +344,18 @@ def _check_resumable(saved: dict[str, Any], cfg: Config, folder: Path) -> None:
                          "choose another --out folder or delete that one to start afresh")
 
 
+class _TrainStep(nn.Module):
+    """Model and objective as one module, so that DistributedDataParallel sees every trainable parameter in one forward."""
+
+    def __init__(self, model: DuSSSVLM, objective: _Objective) -> None:
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, *args: Any) -> dict[str, torch.Tensor]:
+        """``objective(model, *args)``: every loss term of one batch."""
+        return self.objective(self.model, *args)
+
+
 def pretrain(cfg: Config, *, progress: bool = True) -> dict[str, float]:
     """Pre-train the VLM of ``cfg`` and return its final validation and test metrics (flat dict).
 
@@ -349,7 +366,17 @@ def pretrain(cfg: Config, *, progress: bool = True) -> dict[str, float]:
     ``metrics.json``. Calling it again with the same folder returns the
     stored metrics at once if the run completed, and otherwise resumes after
     the last finished epoch (``vlm_epochs`` may be raised to train longer).
+    Under ``torchrun`` each rank trains on its shard of every epoch inside
+    DistributedDataParallel, the contrastive losses gather the embeddings of
+    all ranks, and only rank 0 logs and writes files (:mod:`dusss.distributed`).
     """
+    info = init_distributed(cfg.device)
+    with quiet_non_main():
+        return _pretrain(cfg, info, progress=progress and info.is_main)
+
+
+def _pretrain(cfg: Config, info: DistInfo, *, progress: bool) -> dict[str, float]:
+    """The body of :func:`pretrain` in this process (``info``: its rank, world size and device)."""
     out = pretrain_dir(cfg)
     metrics_path, last_path = out / "metrics.json", out / "last.pt"
     if metrics_path.is_file() and (out / "config.json").is_file():
@@ -365,13 +392,13 @@ def pretrain(cfg: Config, *, progress: bool = True) -> dict[str, float]:
     seed_everything(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
+    device = info.device
     log.info("pre-training the DuSSS VLM (%s) into %s on %s\n%s", cfg.profile, out, device, cfg.describe())
     t_start = time.perf_counter()
 
     train, train_plain, val, test, labelled_names = _datasets(cfg)
     model = DuSSSVLM.from_config(cfg).to(device)
-    objective = _Objective(cfg).to(device)
+    objective = _Objective(cfg, gather=info.distributed).to(device)
     train_masks, train_texts = _all_masks_texts(train_plain)
     paraphrased = _Paraphrases(cfg.seed)
     refs = MaskReferences(train_masks, train_texts)
@@ -381,8 +408,13 @@ def pretrain(cfg: Config, *, progress: bool = True) -> dict[str, float]:
     params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.vlm_lr, weight_decay=cfg.vlm_weight_decay)
     g = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train, batch_size=cfg.vlm_batch_size, shuffle=True, drop_last=len(train) > cfg.vlm_batch_size,
-                        num_workers=cfg.num_workers, generator=g)
+    # torchrun: each rank reads its own shard (equal sizes, so the gathered batches line up)
+    sampler = make_sampler(train, info, shuffle=True, seed=cfg.seed) if info.distributed else None
+    n_local = len(sampler) if sampler is not None else len(train)
+    loader = DataLoader(train, batch_size=cfg.vlm_batch_size, shuffle=sampler is None, sampler=sampler,
+                        drop_last=n_local > cfg.vlm_batch_size, num_workers=cfg.num_workers,
+                        generator=g if sampler is None else None)
+    train_step = ddp_wrap(_TrainStep(model, objective), info, find_unused_parameters=True)
     val_loader = DataLoader(val, batch_size=64, shuffle=False, num_workers=cfg.num_workers)
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * cfg.vlm_epochs
@@ -399,12 +431,15 @@ def pretrain(cfg: Config, *, progress: bool = True) -> dict[str, float]:
         start_epoch = int(state["epoch"])
         history = [row for row in history if row["epoch"] <= start_epoch]
         log.info("resuming %s after epoch %d of %d", out, start_epoch, cfg.vlm_epochs)
-    cfg.save(out / "config.json")
+    if is_main_process():
+        cfg.save(out / "config.json")
 
     for epoch in range(start_epoch, cfg.vlm_epochs):
         # reseeding per epoch makes a resumed run draw the same batches as an uninterrupted one
         seed_everything(cfg.seed + epoch)
         g.manual_seed(cfg.seed + epoch)
+        if sampler is not None:
+            set_sampler_epoch(sampler, epoch)
         aug_g = torch.Generator().manual_seed(cfg.seed + 10_000 + epoch)
         rng = np.random.default_rng(cfg.seed + epoch)
         model.train()
@@ -417,8 +452,7 @@ def pretrain(cfg: Config, *, progress: bool = True) -> dict[str, float]:
             texts = list(batch["text"])
             texts2 = [paraphrased[t][rng.integers(len(paraphrased[t]))] for t in texts]
             labelled = torch.tensor([n in labelled_names for n in batch["name"]], device=device)
-            terms = objective(model, batch["image"].to(device), texts, texts2, batch["mask"].to(device),
-                              labelled, aug_g)
+            terms = train_step(batch["image"].to(device), texts, texts2, batch["mask"].to(device), labelled, aug_g)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             torch.nn.utils.clip_grad_norm_(params, 5.0)
@@ -434,10 +468,12 @@ def pretrain(cfg: Config, *, progress: bool = True) -> dict[str, float]:
                  epoch + 1, cfg.vlm_epochs, row["loss"], row["val_i2t_r1"], row["val_chance_r1"],
                  row["val_dice"], row["val_ref_mean_dice"], row["val_ref_zones_dice"])
         weights = {"config": cfg.to_dict(), "model": model.trainable_state_dict()}
-        atomic_torch_save(weights, out / "vlm.pt")
-        atomic_torch_save({**weights, "objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
-                           "epoch": epoch + 1}, last_path)
-        _write_history(out / "history.csv", history)
+        sync_buffers(model)  # torchrun: BatchNorm statistics averaged over ranks (no-op in one process)
+        if is_main_process():
+            atomic_torch_save(weights, out / "vlm.pt")
+            _write_history(out / "history.csv", history)
+        save_on_main({**weights, "objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
+                      "epoch": epoch + 1}, last_path)
 
     test_loader = DataLoader(test, batch_size=64, shuffle=False, num_workers=cfg.num_workers)
     metrics: dict[str, float] = {"epochs": cfg.vlm_epochs, "n_labelled_masks": len(labelled_names),
@@ -447,7 +483,8 @@ def pretrain(cfg: Config, *, progress: bool = True) -> dict[str, float]:
     for key in ("loss", "cmc", "imc", "tg", "ground_sup"):
         if history and key in history[0]:
             metrics[f"first_{key}"], metrics[f"last_{key}"] = history[0][key], history[-1][key]
-    atomic_write_json(metrics_path, metrics)
+    if is_main_process():
+        atomic_write_json(metrics_path, metrics)
     log.info("pre-training done: test Dice %.3f, pointing %.3f (refs mean %.3f / zones %.3f), i2t R@1 %.3f",
              metrics["test_dice"], metrics["test_pointing"], metrics["test_ref_mean_dice"],
              metrics["test_ref_zones_dice"], metrics["test_i2t_r1"])
