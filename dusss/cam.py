@@ -229,7 +229,9 @@ def measure_maps(vlm: nn.Module, dataset, *, n_paraphrases: int = 4, methods: Se
     ``name``, ``method``, ``corr`` (:func:`pairwise_correlation` of the
     K = n + 1 maps), ``iou`` (:func:`pairwise_iou`), ``share`` (mean
     :func:`activation_share` over the K maps), ``pointing`` (mean pointing-game
-    hit over the K maps; NaN for an image without lesion) and ``gt_pixels``.
+    hit over the K maps; NaN for an image without lesion), ``flat`` (share of
+    the K maps that are all zero: the similarity's gradient left nothing after
+    the ReLU; they are left out of ``share`` and ``pointing``) and ``gt_pixels``.
     """
     import pandas as pd
     from torch.utils.data import DataLoader
@@ -251,11 +253,19 @@ def measure_maps(vlm: nn.Module, dataset, *, n_paraphrases: int = 4, methods: Se
                                     for k in range(n_paraphrases + 1)], 1)  # (B, K, H, W)
             shares = torch.stack([activation_share(maps[:, k], masks) for k in range(maps.shape[1])], 1)  # (B, K)
             hits = torch.stack([pointing_game(maps[:, k:k + 1], masks) for k in range(maps.shape[1])], 1)  # (B, K)
+            flat = maps.flatten(2).amax(2) <= 0  # (B, K): ReLU left nothing; its arg-max would be pixel 0
+            hits = torch.where(flat, torch.full_like(hits, math.nan), hits)
             for i, name in enumerate(batch["name"]):
                 rows.append({"name": name, "method": method, "corr": pairwise_correlation(maps[i]),
-                             "iou": pairwise_iou(maps[i], iou_threshold), "share": float(shares[i].mean()),
-                             "pointing": float(hits[i].mean()), "gt_pixels": int((masks[i] > 0.5).sum())})
-    return pd.DataFrame(rows, columns=["name", "method", "corr", "iou", "share", "pointing", "gt_pixels"])
+                             "iou": pairwise_iou(maps[i], iou_threshold), "share": _nanmean(shares[i]),
+                             "pointing": _nanmean(hits[i]), "flat": float(flat[i].float().mean()),
+                             "gt_pixels": int((masks[i] > 0.5).sum())})
+    return pd.DataFrame(rows, columns=["name", "method", "corr", "iou", "share", "pointing", "flat", "gt_pixels"])
+
+
+def _nanmean(x: torch.Tensor) -> float:
+    keep = x[~torch.isnan(x)]
+    return float(keep.mean()) if keep.numel() else math.nan
 
 
 def summarize_measures(tables: Mapping[str, Any]):
@@ -272,6 +282,7 @@ def summarize_measures(tables: Mapping[str, Any]):
     for model, table in tables.items():
         for method, group in table.groupby("method", sort=False):
             row: dict[str, Any] = {"model": model, "method": method, "images": len(group)}
+            row["flat"] = float(group["flat"].mean())
             for col in ("corr", "iou", "share", "pointing"):
                 row[col] = float(group[col].mean())
                 row[f"{col}_std"] = float(group[col].std())

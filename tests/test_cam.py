@@ -88,6 +88,12 @@ def test_image_embedding_that_ignores_the_image_gives_flat_maps():
     assert maps.abs().max() == 0
     assert math.isnan(pairwise_correlation(maps)) and math.isnan(pairwise_iou(maps))
     assert torch.isnan(activation_share(maps, torch.ones(2, 1, 64, 64))).all()
+    # in the per-image table a flat map counts as flat and plays no pointing game (its arg-max would be pixel 0)
+    mask = torch.zeros(1, 64, 64)
+    mask[:, :8, :8] = 1.0
+    table = measure_maps(model, [{"image": _images(1)[0], "mask": mask, "text": TEXTS[0], "name": "a"}],
+                         n_paraphrases=1, methods=("gradcam",), progress=False)
+    assert table["flat"].tolist() == [1.0] and table[["share", "pointing"]].isna().all(axis=None)
 
 
 def test_reshape_transform_puts_tokens_on_their_grid():
