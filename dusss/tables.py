@@ -116,10 +116,19 @@ def run_file(profile: str, dataset: str, row: str, ratio: float, seed: int) -> P
 
 
 def _config(profile: str, dataset: str, row: str, ratio: float, seed: int, overrides: Mapping[str, Any]) -> Config:
+    """The run's config. Text-guided rows train in a folder named by their VLM switches
+    (``dusss-sss1-cmc1-imc0-tg1-r0.5-s666``): :func:`dusss.paths.ssmis_dir` names a run by
+    method, ratio and seed only, so rows that differ only in their VLM would otherwise share
+    one folder and each would retrain over the other's finished run."""
+    from .paths import ssmis_dir
+
     spec = _spec(row)
     ratio = spec.ratio if spec.ratio is not None else ratio
-    return make_config(profile, dict(overrides), dataset=dataset, method=spec.method, ratio=ratio, seed=seed,
-                       **spec.switches)
+    cfg = make_config(profile, dict(overrides), dataset=dataset, method=spec.method, ratio=ratio, seed=seed,
+                      **spec.switches)
+    if spec.method == "dusss" and not cfg.out_dir:
+        cfg = cfg.replace(out_dir=str(ssmis_dir(cfg).parent / run_name(row, ratio, seed)))
+    return cfg
 
 
 def run_one(profile: str, dataset: str, row: str, ratio: float, seed: int, *,

@@ -146,3 +146,11 @@ def test_grid_adopts_runs_finished_outside_it_without_training(tmp_outputs):
     assert list(runs["run"]) == ["supervised-r0.25-s9"]  # adopted; mt was never run and is not trained
     assert runs["test_dice"].iloc[0] == pytest.approx(m["test_dice"])
     assert json.loads(T.run_file("smoke", "qata-synth", "unet", 0.25, 9).read_text())["ssmis_seconds"] < 5
+
+
+def test_text_guided_rows_train_in_folders_of_their_own(tmp_outputs):
+    # rows that differ only in their VLM must never share (and retrain over) one run folder
+    folders = {row: T._config("smoke", "qata-synth", row, 0.5, 666, {}).out_dir for row in ("clip", "sss", "dcl", "dusss")}
+    assert len(set(folders.values())) == 4, folders
+    assert all(f.endswith(T.run_name(row, 0.5, 666)) for row, f in folders.items())
+    assert T._config("smoke", "qata-synth", "mt", 0.5, 666, {}).out_dir == ""  # other rows keep the default folder
