@@ -13,6 +13,7 @@ from dusss.paper_tables import paper_table1, paper_table2
 def tmp_outputs(tmp_path, monkeypatch):
     monkeypatch.setenv("DUSSS_RESULTS", str(tmp_path / "results"))
     monkeypatch.setenv("DUSSS_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("DUSSS_FIGURES", str(tmp_path / "figures"))  # never overwrite the committed demo chart
     return tmp_path
 
 
