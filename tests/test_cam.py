@@ -14,18 +14,15 @@ from dusss.cam import (CAM_METHODS, activation_maps, activation_share, cam_targe
                        plot_qualitative_grid, reports_for, select_by_quantiles, summarize_measures,
                        vit_reshape_transform)
 from dusss.config import METHODS, make_config
+from conftest import SMOKE_REPORTS
 from dusss.vlm import DuSSSVLM
 
-TEXTS = [
-    "Unilateral pulmonary infection, one infected area, upper left lung.",
-    "Bilateral pulmonary infection, two infected areas, all left lung and lower right lung.",
-]
+TEXTS = SMOKE_REPORTS
 
 
 @pytest.fixture(scope="module")
-def vlm() -> DuSSSVLM:
-    torch.manual_seed(0)
-    return DuSSSVLM.from_config(make_config("smoke")).eval().requires_grad_(False)
+def vlm(smoke_vlm) -> DuSSSVLM:
+    return smoke_vlm.requires_grad_(False)
 
 
 def _images(n: int = 2, size: int = 64, seed: int = 1) -> torch.Tensor:

@@ -10,18 +10,15 @@ import torch.nn.functional as F
 
 from dusss.config import make_config
 from dusss.utils import atomic_torch_save
+from conftest import SMOKE_REPORTS
 from dusss.vlm import DuSSSVLM, load_vlm, resolve_text_model
 
-TEXTS = [
-    "Unilateral pulmonary infection, one infected area, upper left lung.",
-    "Bilateral pulmonary infection, two infected areas, all left lung and lower right lung.",
-]
+TEXTS = SMOKE_REPORTS
 
 
 @pytest.fixture(scope="module")
-def model() -> DuSSSVLM:
-    torch.manual_seed(0)
-    return DuSSSVLM.from_config(make_config("smoke")).eval()
+def model(smoke_vlm) -> DuSSSVLM:
+    return smoke_vlm
 
 
 def _images(n: int = 2, size: int = 64) -> torch.Tensor:
