@@ -325,17 +325,21 @@ def comparison_configs(cfg: Config) -> dict[str, Config]:
 
     ``MT`` (Mean Teacher), ``BCP`` (only when ``bcp`` is an accepted method of
     this version of :mod:`dusss.ssmis`), ``CLIP`` (DuSSS's Step 2 guided by the
-    CLIP-style VLM of :func:`clip_vlm_config`, in its own folder
-    ``dusss-clipvlm-r<ratio>-s<seed>``) and ``DuSSS``.
+    CLIP-style VLM of :func:`clip_vlm_config`) and ``DuSSS``. The two
+    text-guided runs live in the folders of the Tables grid
+    (:func:`dusss.tables.run_name`, e.g. ``dusss-sss0-cmc1-imc0-tg0-r0.25-s666``),
+    so Fig. 4 and Tables 1-2 share one training of each.
     """
-    base = cfg.replace(out_dir="")
-    runs = {"MT": base.replace(method="mt", vlm_checkpoint="")}
+    from .tables import ROWS, run_name
+
+    base = cfg.replace(out_dir="", vlm_checkpoint="")
+    parent = ssmis_dir(base.replace(method="dusss")).parent
+    runs = {"MT": base.replace(method="mt")}
     if "bcp" in METHODS:
-        runs["BCP"] = base.replace(method="bcp", vlm_checkpoint="")
-    clip = clip_vlm_config(cfg)
-    clip_dir = ssmis_dir(base.replace(method="dusss")).parent / f"dusss-clipvlm-r{cfg.ratio:g}-s{cfg.seed}"
-    runs["CLIP"] = base.replace(method="dusss", vlm_checkpoint=str(default_vlm_checkpoint(clip)), out_dir=str(clip_dir))
-    runs["DuSSS"] = base.replace(method="dusss", vlm_checkpoint="")
+        runs["BCP"] = base.replace(method="bcp")
+    for label, row in (("CLIP", "clip"), ("DuSSS", "dusss")):
+        c = base.replace(method="dusss", **ROWS[row].switches)
+        runs[label] = c.replace(out_dir=str(parent / run_name(row, c.ratio, c.seed)))
     return runs
 
 

@@ -18,11 +18,13 @@ import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
+AMP_MODES = ("auto", "bf16", "off")  # Config.amp: bf16 autocast on CUDA only / always / never
 METHODS = ("dusss", "mt", "supervised", "bcp", "ucmt")  # SSMIS methods sharing one training loop (bcp, ucmt: dusss.baselines)
 
-__all__ = ["Config", "ConfigError", "PROFILES", "make_config", "parse_overrides", "default_profile"]
+__all__ = ["Config", "ConfigError", "PROFILES", "AMP_MODES", "make_config", "parse_overrides", "default_profile",
+           "config_differences"]
 
 
 class ConfigError(ValueError):
@@ -42,6 +44,7 @@ class Config:
     seed: int = 666  # the authors' seed; one helper seeds python, numpy, torch
     device: str = "auto"  # "auto" = cuda if available, else cpu; or "cpu", "cuda:0"
     num_threads: int = 0  # torch intra-op threads; 0 = torch's default
+    amp: str = "auto"  # bfloat16 autocast of the training forward passes: "auto" = on CUDA only, "bf16", "off"
     # ---- data ------------------------------------------------------------
     dataset: str = "qata-synth"  # qata-synth | nuclei-real | qata | monuseg | bmseg | lvit (own data)
     data_root: str = ""  # "" = $DUSSS_DATA/<dataset>, else data/<dataset>
@@ -284,6 +287,7 @@ def _check_ranges(cfg: Config) -> None:
         ("ema_alpha", 0.0 <= cfg.ema_alpha <= 1.0, "must be in [0, 1] (Eq. 12)"),
         ("image_size", cfg.image_size >= 16 and cfg.image_size % 16 == 0, "must be a multiple of 16, >= 16"),
         ("method", cfg.method in METHODS, f"must be one of {METHODS}"),
+        ("amp", cfg.amp in AMP_MODES, f"must be one of {AMP_MODES}"),
         ("threshold", 0.0 < cfg.threshold < 1.0, "must be in (0, 1)"),
         ("diag_images", cfg.diag_images >= 0, "must be >= 0 (0 = every unlabelled image)"),
         ("fg_prior", 0.0 <= cfg.fg_prior < 1.0, "must be in [0, 1) (0 = PyTorch's default output bias)"),
@@ -314,3 +318,15 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, str]:
         key, value = pair.split("=", 1)
         out[key.strip()] = value
     return out
+
+
+def config_differences(saved: Mapping[str, Any], cfg: Config, keys: Iterable[str]) -> list[str]:
+    """The ``keys`` whose value in ``cfg`` differs from a run's saved config (a dict), sorted.
+
+    The one rule both training loops use to decide whether a run folder may be
+    resumed or reused: a key the saved run does not have (a setting added to
+    :class:`Config` after that run was written) counts as unchanged, since the
+    run was made with the behaviour that setting's default keeps.
+    """
+    now = cfg.to_dict()
+    return sorted(k for k in keys if saved.get(k, now[k]) != now[k])

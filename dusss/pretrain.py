@@ -40,11 +40,11 @@ from .config import Config
 from .losses import DualContrastiveLoss, SupervisedSegLoss, TextGuidedLoss, mask_pool
 from .metrics import dice_iou_per_image, dice_of_masks
 from .paths import pretrain_dir
-from .utils import (atomic_torch_save, atomic_write_json, atomic_write_text, get_logger, load_checkpoint,
-                    seed_everything)
+from .utils import (atomic_torch_save, atomic_write_json, atomic_write_text, autocast, get_logger, load_checkpoint,
+                    seed_everything, to_float32)
 from .distributed import (DistInfo, all_gather_objects, ddp_wrap, init_distributed, is_main_process, make_sampler,
                           quiet_non_main, save_on_main, set_sampler_epoch, sync_buffers)
-from .vlm import DuSSSVLM
+from .vlm import DuSSSVLM, VLMOutput
 
 __all__ = ["pretrain", "run", "evaluate_vlm", "MaskReferences", "photometric_view", "same_text_mask",
            "zones_named", "retrieval_metrics", "pointing_game"]
@@ -266,18 +266,28 @@ class _Objective(nn.Module):
         """Every loss term of one batch and their weighted sum ``loss``."""
         cfg = self.cfg
         ground = cfg.use_tg or (cfg.ground_sup and bool(labelled.any()))
-        out = model(images, texts, ground=ground)
+        img2 = txt2 = None
+        with autocast(cfg.amp, images.device):  # the encoders under bf16 autocast where cfg.amp enables it
+            out = model(images, texts, ground=ground)
+            if self.dcl is not None and cfg.use_imc:
+                img2, _ = model.encode_image(photometric_view(images, generator), ground=False)
+                txt2, _ = model.encode_text(texts2)
+        # the losses (Wasserstein distances, InfoNCE, temperatures) always in float32
+        out, img2, txt2 = to_float32((out, img2, txt2))
+        with torch.autocast(images.device.type, enabled=False):
+            return self._terms(out, img2, txt2, texts, masks, labelled)
+
+    def _terms(self, out: VLMOutput, img2: Any, txt2: Any, texts: list[str], masks: torch.Tensor,
+               labelled: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        device = out.image.s.device
         # with gather, the same-report positives are marked over the reports of the global batch
-        pos = (same_text_mask(all_gather_objects(texts) if self.gather else texts, images.device)
+        pos = (same_text_mask(all_gather_objects(texts) if self.gather else texts, device)
                if cfg.same_text_positive else None)
-        zero = images.new_zeros(())
+        zero = torch.zeros((), device=device)
         terms = {"cmc": zero, "imc": zero, "imc_image": zero, "imc_text": zero, "tg": zero, "ground_sup": zero}
         loss = zero
         if self.dcl is not None:
-            img2 = txt2 = None
-            if cfg.use_imc:
-                img2, _ = model.encode_image(photometric_view(images, generator), ground=False)
-                txt2, _ = model.encode_text(texts2)
             dcl = self.dcl(out.image, out.text, img2, txt2, positive_mask=pos)
             loss = loss + dcl["loss"]
             terms.update({k: dcl[k] for k in ("cmc", "imc", "imc_image", "imc_text")})
@@ -336,9 +346,10 @@ def _step1_keys() -> list[str]:
 
 
 def _check_resumable(saved: dict[str, Any], cfg: Config, folder: Path) -> None:
-    # Step-2 keys (and keys added to the config later) never invalidate a Step-1 run
-    current = cfg.to_dict()
-    diff = sorted(k for k in _step1_keys() if k not in _RESUMABLE_KEYS and saved.get(k) != current[k])
+    # Step-2 keys never invalidate a Step-1 run; keys added to the config later count as unchanged
+    from .config import config_differences
+
+    diff = config_differences(saved, cfg, set(_step1_keys()) - _RESUMABLE_KEYS)
     if diff:
         raise ValueError(f"{folder} holds a pre-training run with other settings ({', '.join(diff)} differ); "
                          "choose another --out folder or delete that one to start afresh")

@@ -60,7 +60,7 @@ from .losses import SupervisedSegLoss, TextGuidedSemiLoss, ema_update, sigmoid_r
 from .metrics import binarize, dice_of_masks
 from .paths import default_vlm_checkpoint, ssmis_dir
 from .unet import build_unet, count_parameters
-from .utils import atomic_write_json, get_logger, load_checkpoint, resolve_device, seed_everything
+from .utils import atomic_write_json, autocast, get_logger, load_checkpoint, resolve_device, seed_everything
 
 __all__ = [
     "FLAT_TEXT_LOGIT", "SsmisData", "prepare_data", "TextGuidance", "train_ssmis", "load_student",
@@ -72,8 +72,8 @@ log = get_logger(__name__)
 FLAT_TEXT_LOGIT = 0.5  # |z_text| below this = "the text map says nothing here" (sigmoid within 0.38..0.62)
 
 # Keys that may differ when a run is resumed from its last.pt (they change how, not what, is computed).
-_RESUME_FREE_KEYS = {"epochs", "patience", "resume", "device", "num_threads", "num_workers", "out_dir", "data_root",
-                     "vlm_checkpoint"}
+_RESUME_FREE_KEYS = {"epochs", "patience", "resume", "device", "amp", "num_threads", "num_workers", "out_dir",
+                     "data_root", "vlm_checkpoint"}
 
 
 # ---------------------------------------------------------------------------- data
@@ -292,10 +292,10 @@ def _step1_keys() -> set[str]:
 
 
 def _check_resumable(saved: dict, cfg: Config, path: Path) -> None:
+    from .config import config_differences
+
     now = cfg.to_dict()
-    free = _RESUME_FREE_KEYS | _step1_keys()
-    # a key the saved run did not have yet (added to Config later) counts as unchanged
-    diff = sorted(k for k in now if k not in free and saved.get(k, now[k]) != now[k])
+    diff = config_differences(saved, cfg, set(now) - _RESUME_FREE_KEYS - _step1_keys())
     if diff:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff[:4])
         raise ValueError(f"{path} belongs to a run with other settings ({details}); choose another out_dir "
@@ -471,27 +471,28 @@ def _train_ssmis(cfg: Config, info: DistInfo, *, progress: bool) -> dict[str, An
         for step in range(steps):
             lb = next(lab_iter)
             x_l, y_l = lb["image"].to(device), lb["mask"].to(device)  # (Bl, 3, H, W), (Bl, 1, H, W)
-            if baseline is not None:
-                x_u = next(unl_iter)["image"].to(device)  # (Bu, 3, H, W)
-                loss, l_sup, terms, weight = baseline(student, teacher, x_l, y_l, x_u, epoch, step, steps)
-            elif semi:
-                ub = next(unl_iter)
-                x_u = ub["image"].to(device)  # (Bu, 3, H, W)
-                z = model(torch.cat([x_l, x_u]))  # (Bl + Bu, 1, H, W): one BatchNorm batch, as in MT
-                z_l, z_u = z[: len(x_l)], z[len(x_l):]
-                with torch.no_grad():
-                    z_teacher = teacher(x_u)  # (Bu, 1, H, W) Eq. 13 pseudo-label logits
-                    z_text = None
-                    if guidance is not None:
-                        z_text = (ub["text_logits"].to(device) if cfg.text_cache
-                                  else guidance.logits(x_u, list(ub["text"])))  # (Bu, 1, H, W)
-                terms = semi_loss(z_u, z_teacher, z_text, return_dict=True)
-                l_sup = sup_loss(z_l, y_l)
-                weight = cfg.cons_weight * sigmoid_rampup(epoch + step / steps, cfg.rampup_epochs)
-                loss = l_sup + weight * terms["semi"]
-            else:
-                l_sup = sup_loss(model(x_l), y_l)
-                terms, loss = {}, l_sup
+            with autocast(cfg.amp, device):  # bf16 forward passes where cfg.amp enables it (default: CUDA only)
+                if baseline is not None:
+                    x_u = next(unl_iter)["image"].to(device)  # (Bu, 3, H, W)
+                    loss, l_sup, terms, weight = baseline(student, teacher, x_l, y_l, x_u, epoch, step, steps)
+                elif semi:
+                    ub = next(unl_iter)
+                    x_u = ub["image"].to(device)  # (Bu, 3, H, W)
+                    z = model(torch.cat([x_l, x_u])).float()  # (Bl + Bu, 1, H, W): one BatchNorm batch, as in MT
+                    z_l, z_u = z[: len(x_l)], z[len(x_l):]  # logits in float32, so the losses are too
+                    with torch.no_grad():
+                        z_teacher = teacher(x_u).float()  # (Bu, 1, H, W) Eq. 13 pseudo-label logits
+                        z_text = None
+                        if guidance is not None:
+                            z_text = (ub["text_logits"].to(device) if cfg.text_cache
+                                      else guidance.logits(x_u, list(ub["text"])))  # (Bu, 1, H, W)
+                    terms = semi_loss(z_u, z_teacher, z_text, return_dict=True)
+                    l_sup = sup_loss(z_l, y_l)
+                    weight = cfg.cons_weight * sigmoid_rampup(epoch + step / steps, cfg.rampup_epochs)
+                    loss = l_sup + weight * terms["semi"]
+                else:
+                    l_sup = sup_loss(model(x_l).float(), y_l)
+                    terms, loss = {}, l_sup
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "seed_everything", "resolve_device", "atomic_write_text", "atomic_write_json",
+    "seed_everything", "resolve_device", "amp_enabled", "autocast", "to_float32", "atomic_write_text", "atomic_write_json",
     "atomic_torch_save", "load_checkpoint", "get_logger", "repo_root",
 ]
 
@@ -40,6 +40,36 @@ def resolve_device(name: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} was requested but CUDA is not available; use device=cpu or auto")
     return dev
+
+
+def amp_enabled(amp: str, device: torch.device | str) -> bool:
+    """Whether ``Config.amp`` turns bfloat16 autocast on for ``device``.
+
+    ``"auto"``: on for CUDA devices that support bfloat16, off on the CPU (where
+    bf16 is emulated, and slower, unless the CPU has AVX-512 BF16 / AMX: README,
+    Speed); ``"bf16"``: always; ``"off"``: never.
+    """
+    device = torch.device(device)
+    if amp == "off":
+        return False
+    if amp == "bf16":
+        return True
+    if amp != "auto":
+        raise ValueError(f"amp = {amp!r}; use 'auto', 'bf16' or 'off'")
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def autocast(amp: str, device: torch.device | str) -> torch.autocast:
+    """The ``torch.autocast`` context of a training forward pass under ``Config.amp`` (bfloat16, no loss scaling)."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_enabled(amp, device))
+
+
+def to_float32(tree: Any) -> Any:
+    """``tree`` (tensors in tuples, lists, dicts, named tuples) with every floating tensor cast to float32."""
+    from torch.utils import _pytree
+
+    return _pytree.tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, tree)
 
 
 def _atomic_replace(path: Path, write) -> Path:

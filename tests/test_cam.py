@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,8 @@ from dusss.cam import (CAM_METHODS, activation_maps, activation_share, cam_targe
                        plot_qualitative_grid, reports_for, select_by_quantiles, summarize_measures,
                        vit_reshape_transform)
 from dusss.config import METHODS, make_config
+from dusss.paths import default_vlm_checkpoint, ssmis_dir
+from dusss.tables import _config as tables_config, run_name
 from conftest import SMOKE_REPORTS
 from dusss.vlm import DuSSSVLM
 
@@ -180,8 +183,12 @@ def test_comparison_configs_name_the_runs_of_fig4():
     runs = comparison_configs(cfg)
     assert list(runs) == ["MT"] + (["BCP"] if "bcp" in METHODS else []) + ["CLIP", "DuSSS"]
     assert runs["CLIP"].method == runs["DuSSS"].method == "dusss"
-    assert "sss0-cmc1-imc0-tg0" in runs["CLIP"].vlm_checkpoint and runs["DuSSS"].vlm_checkpoint == ""
-    assert runs["CLIP"].out_dir.endswith("dusss-clipvlm-r0.25-s666")
+    # each guided run reads the VLM of its own switches and trains in the Tables grid's folder of that row
+    assert "sss0-cmc1-imc0-tg0" in str(default_vlm_checkpoint(runs["CLIP"]))
+    assert "sss1-cmc1-imc1-tg1" in str(default_vlm_checkpoint(runs["DuSSS"]))
+    for label, row in (("CLIP", "clip"), ("DuSSS", "dusss")):
+        assert Path(runs[label].out_dir) == ssmis_dir(runs["MT"]).parent / run_name(row, 0.25, cfg.seed)
+        assert Path(runs[label].out_dir) == Path(tables_config("smoke", "qata-synth", row, 0.25, cfg.seed, {}).out_dir)
     assert all(c.ratio == 0.25 and c.dataset == "qata-synth" for c in runs.values())
 
 

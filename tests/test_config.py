@@ -118,3 +118,20 @@ def test_atomic_writes_make_ordinary_readable_files(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left behind
+
+
+def test_amp_auto_means_bf16_on_cuda_only_and_bad_values_are_rejected():
+    import torch
+
+    from dusss.config import config_differences
+    from dusss.utils import amp_enabled
+
+    assert not amp_enabled("auto", "cpu") and amp_enabled("bf16", "cpu") and not amp_enabled("off", "cpu")
+    assert amp_enabled("auto", "cuda") == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    with pytest.raises(ConfigError, match="'amp'"):
+        make_config("smoke", amp="fp8")
+    # the resume rule of both loops: keys a saved run lacks count as unchanged, others are compared
+    cfg = make_config("smoke")
+    saved = {k: v for k, v in cfg.to_dict().items() if k != "amp"}
+    assert config_differences(saved, cfg, ["amp", "ratio"]) == []
+    assert config_differences({**saved, "ratio": 0.5}, cfg, ["amp", "ratio"]) == ["ratio"]

@@ -163,3 +163,41 @@ def test_loss_switches_give_the_ablation_variants(data_root, tmp_path):
     header = (tmp_path / "tg_only" / "history.csv").read_text().splitlines()
     row = dict(zip(header[0].split(","), header[1].split(",")))
     assert float(row["cmc"]) == 0.0 and float(row["tg"]) > 0.0
+
+
+def test_a_step1_key_missing_from_an_older_run_counts_as_unchanged(data_root, tmp_path):
+    # the rule shared with Step 2 (dusss.config.config_differences): a run written before a key existed
+    # was made with that key's default behaviour, so it is reused; a key that really differs is refused
+    out = tmp_path / "old"
+    done = pretrain(_cfg(data_root, out, vlm_epochs=1), progress=False)
+    saved = json.loads((out / "config.json").read_text())
+    del saved["same_text_positive"]
+    (out / "config.json").write_text(json.dumps(saved))
+    assert pretrain(_cfg(data_root, out, vlm_epochs=1), progress=False) == done
+    with pytest.raises(ValueError, match="use_imc"):
+        pretrain(_cfg(data_root, out, vlm_epochs=1, use_imc=False), progress=False)
+
+
+def test_bf16_autocast_runs_the_encoders_in_bf16_and_the_losses_in_float32(smoke_vlm):
+    # amp="bf16" on the CPU exercises the path amp="auto" takes on CUDA
+    from dusss.pretrain import _Objective
+
+    cfg = make_config("smoke", amp="bf16")
+    seen = []
+    hook = smoke_vlm.img_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    images = torch.rand(4, 3, cfg.image_size, cfg.image_size)
+    masks = (torch.rand(4, 1, cfg.image_size, cfg.image_size) > 0.9).float()
+    labelled = torch.tensor([True, False, True, False])
+    texts = [A, B, A, B]
+    try:
+        terms = _Objective(cfg)(smoke_vlm, images, texts, texts[::-1], masks, labelled, torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    assert seen and all(d == torch.bfloat16 for d in seen)
+    for key, value in terms.items():
+        assert value.dtype == torch.float32 and torch.isfinite(value), key
+    assert terms["cmc"] > 0 and terms["imc"] > 0 and terms["ground_sup"] > 0
+    off = _Objective(cfg.replace(amp="off"))(smoke_vlm, images, texts, texts[::-1], masks, labelled,
+                                              torch.Generator().manual_seed(0))
+    # same maths, bf16 rounding only
+    assert terms["loss"].item() == pytest.approx(off["loss"].item(), rel=0.1)

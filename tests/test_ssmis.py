@@ -173,3 +173,24 @@ def test_a_run_is_not_reused_after_its_vlm_was_retrained(env):
     second = train_ssmis(cfg, progress=False)
     assert second["vlm_digest"] != first["vlm_digest"]
     assert second["diag_best"]["diag_text_dice"] != first["diag_best"]["diag_text_dice"]
+
+
+def test_bf16_autocast_trains_the_unet_in_bf16(env, monkeypatch):
+    # amp="bf16" on the CPU takes the path amp="auto" takes on CUDA: bf16 forward passes of the training steps
+    # (those with gradients; the no-grad diagnostics and evaluation stay in float32), float32 losses
+    import dusss.ssmis as ssmis_mod
+
+    dtypes = []
+    real_build = ssmis_mod.build_unet
+
+    def build_and_watch(cfg):
+        model = real_build(cfg)
+        model.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype) if torch.is_grad_enabled() else None)
+        return model
+
+    monkeypatch.setattr(ssmis_mod, "build_unet", build_and_watch)
+    metrics = train_ssmis(_cfg(env, "mt-bf16", method="mt", vlm_checkpoint="", amp="bf16", epochs=1), progress=False)
+    history = pd.read_csv(env["root"] / "mt-bf16" / "history.csv")
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert history["loss"].notna().all() and (history["loss"] > 0).all()
+    assert 0.0 <= metrics["test_dice"] <= 1.0
