@@ -450,9 +450,11 @@ def grid_cost(seconds: Mapping[str, float], *, datasets: int, seeds: int,
 def measured_seconds(profile: str, runs: pd.DataFrame | None = None) -> dict[str, float]:
     """Median seconds per kind of run at ``profile``, measured on this machine, for :func:`grid_cost`.
 
-    Step-2 kinds (``supervised``, ``mt``, ``bcp``, ``dusss``): the median
-    ``train_seconds`` (training epochs, without data preparation and testing)
-    of the runs in ``runs`` (:func:`load_runs`, default: all of ``profile``);
+    Step-2 kinds (``supervised``, ``mt``, ``bcp``, ``ucmt``, ``dusss``): the
+    median wall time of the runs in ``runs`` (:func:`load_runs`, default: all
+    of ``profile``): ``ssmis_seconds`` (the whole call: data, text-map cache,
+    training, testing) where the grid trained the run, else ``train_seconds``
+    (training epochs only; runs adopted from another command);
     ``pretrain``: the median ``seconds_this_call`` of the finished Step-1 runs
     under ``runs/pretrain/*-<profile>/`` that trained every epoch in one call.
     Kinds with no measurement are missing from the dict.
@@ -460,7 +462,8 @@ def measured_seconds(profile: str, runs: pd.DataFrame | None = None) -> dict[str
     from .paths import runs_dir
 
     runs = load_runs(profile) if runs is None else runs
-    out = {m: float(g["train_seconds"].median()) for m, g in runs.groupby("method")}
+    wall = runs["ssmis_seconds"].where(runs["ssmis_seconds"] > 0, runs["train_seconds"])
+    out = {m: float(wall[g.index].median()) for m, g in runs.groupby("method")}
     pre = []
     for path in runs_dir().glob(f"pretrain/*-{profile}/*/metrics.json"):
         m = json.loads(path.read_text())
