@@ -451,10 +451,11 @@ def measured_seconds(profile: str, runs: pd.DataFrame | None = None) -> dict[str
     """Median seconds per kind of run at ``profile``, measured on this machine, for :func:`grid_cost`.
 
     Step-2 kinds (``supervised``, ``mt``, ``bcp``, ``ucmt``, ``dusss``): the
-    median wall time of the runs in ``runs`` (:func:`load_runs`, default: all
-    of ``profile``): ``ssmis_seconds`` (the whole call: data, text-map cache,
-    training, testing) where the grid trained the run, else ``train_seconds``
-    (training epochs only; runs adopted from another command);
+    median cost of the runs in ``runs`` (:func:`load_runs`, default: all of
+    ``profile``), per run the larger of ``ssmis_seconds`` (wall time of the
+    grid's call: data, text-map cache, training, testing; only part of the
+    run when it resumed a partial one, near 0 when it adopted a finished one)
+    and ``train_seconds`` (the training epochs over every call);
     ``pretrain``: the median ``seconds_this_call`` of the finished Step-1 runs
     under ``runs/pretrain/*-<profile>/`` that trained every epoch in one call.
     Kinds with no measurement are missing from the dict.
@@ -462,7 +463,7 @@ def measured_seconds(profile: str, runs: pd.DataFrame | None = None) -> dict[str
     from .paths import runs_dir
 
     runs = load_runs(profile) if runs is None else runs
-    wall = runs["ssmis_seconds"].where(runs["ssmis_seconds"] > 0, runs["train_seconds"])
+    wall = runs[["ssmis_seconds", "train_seconds"]].max(axis=1)
     out = {m: float(wall[g.index].median()) for m, g in runs.groupby("method")}
     pre = []
     for path in runs_dir().glob(f"pretrain/*-{profile}/*/metrics.json"):

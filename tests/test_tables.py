@@ -157,11 +157,13 @@ def test_text_guided_rows_train_in_folders_of_their_own(tmp_outputs):
     assert T._config("smoke", "qata-synth", "mt", 0.5, 666, {}).out_dir == ""  # other rows keep the default folder
 
 
-def test_measured_seconds_take_the_wall_time_of_grid_runs_and_training_time_of_adopted_ones(tmp_path, monkeypatch):
+def test_measured_seconds_take_the_wall_time_of_grid_runs_and_training_time_of_adopted_or_resumed_ones(
+        tmp_path, monkeypatch):
     from dusss import paths
     from dusss.tables import measured_seconds
 
     monkeypatch.setattr(paths, "runs_dir", lambda: tmp_path)  # no pre-training runs to read
-    runs = pd.DataFrame({"method": ["mt", "mt", "mt", "dusss"], "ssmis_seconds": [0.0, 500.0, 700.0, 900.0],
-                         "train_seconds": [100.0, 400.0, 600.0, 800.0]})
+    # mt: adopted (0.2 s to copy a finished run), trained by the grid, resumed (the call did the last epochs)
+    runs = pd.DataFrame({"method": ["mt", "mt", "mt", "dusss"], "ssmis_seconds": [0.2, 500.0, 300.0, 900.0],
+                         "train_seconds": [450.0, 400.0, 600.0, 800.0]})
     assert measured_seconds("demo", runs) == {"mt": 500.0, "dusss": 900.0}
