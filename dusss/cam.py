@@ -316,8 +316,16 @@ def paired_difference(a, b, column: str, method: str, *, n_boot: int = 2000, see
 
 # ---------------------------------------------------------------- Fig. 4 runs
 def clip_vlm_config(cfg: Config) -> Config:
-    """The CLIP-style VLM of the comparison: the same pre-training with only the cross-modal InfoNCE (no SSS, IMC, L_tg)."""
-    return cfg.replace(use_sss=False, use_imc=False, use_tg=False, out_dir="", vlm_checkpoint="")
+    """The CLIP-style VLM of the comparison: the same pre-training with only the cross-modal InfoNCE (no SSS, IMC, L_tg).
+
+    Its switches are the Tables grid's ``clip`` row (:data:`dusss.tables.ROWS`), so both use one VLM.
+    """
+    from .tables import ROWS
+
+    return cfg.replace(**ROWS["clip"].switches, out_dir="", vlm_checkpoint="")
+
+
+_GUIDED = (("CLIP", "clip"), ("DuSSS", "dusss"))  # Fig. 4's text-guided runs: label -> row of dusss.tables.ROWS
 
 
 def comparison_configs(cfg: Config) -> dict[str, Config]:
@@ -337,24 +345,26 @@ def comparison_configs(cfg: Config) -> dict[str, Config]:
     runs = {"MT": base.replace(method="mt")}
     if "bcp" in METHODS:
         runs["BCP"] = base.replace(method="bcp")
-    for label, row in (("CLIP", "clip"), ("DuSSS", "dusss")):
+    for label, row in _GUIDED:
         c = base.replace(method="dusss", **ROWS[row].switches)
         runs[label] = c.replace(out_dir=str(parent / run_name(row, c.ratio, c.seed)))
     return runs
 
 
 def ensure_vlms(cfg: Config, *, progress: bool = True) -> dict[str, Path]:
-    """Pre-train (or read) the DuSSS and the CLIP-style VLM of ``cfg``'s data set; ``{"DuSSS": vlm.pt, "CLIP": vlm.pt}``.
+    """Pre-train (or read) the VLMs of :func:`comparison_configs`' guided runs; ``{"CLIP": vlm.pt, "DuSSS": vlm.pt}``.
 
-    Both are pre-trained at ``min(ratio, 0.25)`` labels, as notebook 03 does,
-    so their mask supervision never saw an image that is unlabelled in Step 2;
-    a finished run is read, not retrained.
+    Both are pre-trained at ``min(ratio, dusss.tables.PRETRAIN_RATIO)`` labels,
+    as the Tables grid does, so their mask supervision never saw an image that
+    is unlabelled in Step 2; a finished run is read, not retrained.
     """
     from .pretrain import pretrain
+    from .tables import PRETRAIN_RATIO
 
-    vlm_cfg = cfg.replace(ratio=min(cfg.ratio, 0.25), out_dir="", vlm_checkpoint="")
+    runs = comparison_configs(cfg)
     paths: dict[str, Path] = {}
-    for label, c in (("DuSSS", vlm_cfg), ("CLIP", clip_vlm_config(vlm_cfg))):
+    for label in ("DuSSS", "CLIP"):  # the order notebook 05's tables and Fig. 5 show them in
+        c = runs[label].replace(ratio=min(cfg.ratio, PRETRAIN_RATIO), out_dir="")
         pretrain(c, progress=progress)
         paths[label] = default_vlm_checkpoint(c)
     return paths

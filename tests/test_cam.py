@@ -205,3 +205,18 @@ def test_figures_have_one_panel_per_report_and_model():
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+def test_ensure_vlms_pretrains_the_vlms_the_fig4_runs_read(monkeypatch):
+    # even for a config whose own switches differ from both rows, each guided run reads the VLM pre-trained for it
+    import dusss.pretrain as pretrain_mod
+    from dusss.cam import ensure_vlms
+
+    trained = []
+    monkeypatch.setattr(pretrain_mod, "pretrain", lambda c, progress=True: trained.append(c))
+    cfg = make_config("smoke", dataset="qata-synth", ratio=0.5, use_sss=False, use_tg=False)
+    paths = ensure_vlms(cfg, progress=False)
+    runs = comparison_configs(cfg)
+    assert list(paths) == ["DuSSS", "CLIP"] and all(c.ratio == 0.25 for c in trained)
+    for label in ("DuSSS", "CLIP"):
+        assert paths[label] == default_vlm_checkpoint(runs[label])
