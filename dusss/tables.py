@@ -40,7 +40,8 @@ from .utils import atomic_write_json, atomic_write_text, get_logger, repo_root
 
 __all__ = ["RowSpec", "ROWS", "TABLE1_ROWS", "TABLE2_ROWS", "PAPER_NAMES", "run_name", "run_file", "run_one",
            "run_grid", "load_runs", "summarise", "render_tables", "complexity", "write_outputs", "plot_tables",
-           "grid_cost", "measured_seconds", "write_readme_section", "PRETRAIN_RATIO"]
+           "grid_cost", "measured_seconds", "write_readme_section", "PRETRAIN_RATIO", "COMPONENTS",
+           "component_effects"]
 
 log = get_logger(__name__)
 
@@ -278,7 +279,9 @@ def summarise(runs: pd.DataFrame, rows: Iterable[str], ratios: Iterable[float], 
                     "paper_dice": float(paper[f"{key}_dice"]) if paper is not None else float("nan"),
                     "paper_miou": float(paper[f"{key}_miou"]) if paper is not None else float("nan"),
                 })
-    return pd.DataFrame(out)
+    cols = ["table", "row", "label", "ratio", "dataset", "paper_dataset", "n_seeds", "dice_mean", "dice_std",
+            "miou_mean", "miou_std", "paper_dice", "paper_miou"]
+    return pd.DataFrame(out, columns=cols)  # the columns even with no rows (e.g. table1_rows=[])
 
 
 def _pm(mean: float, std: float, n: int) -> str:
@@ -331,15 +334,66 @@ def render_tables(runs: pd.DataFrame, *, table1_rows: Iterable[str] = TABLE1_ROW
     """Both tables from :func:`load_runs`: ``{"table1", "table2"}`` summaries and ``{"table1_md", "table2_md"}``.
 
     Table 2's Markdown adds, per data set, each row's Dice rank among the
-    rows here next to its rank in the paper (1 = best), so whether each
-    component helps here as it did there can be read off directly. ``datasets``
+    rows here next to its rank in the paper (1 = best); ``"effects"`` /
+    ``"effects_md"`` (:func:`component_effects`) say, pair by pair, whether
+    each component helps here as it did there. ``datasets``
     None = the data sets that have runs (else every one listed, empty cells "–").
     """
     datasets = list(datasets) if datasets is not None else None
     t1 = summarise(runs, table1_rows, table1_ratios, "table1", datasets)
     t2 = summarise(runs, table2_rows, [table2_ratio], "table2", datasets)
+    effects = component_effects(t2)
     return {"table1": t1, "table2": t2, "table1_md": _markdown(t1, ranks=False) if len(t1) else "",
-            "table2_md": _markdown(t2, ranks=True) if len(t2) else ""}
+            "table2_md": _markdown(t2, ranks=True) if len(t2) else "", "effects": effects,
+            "effects_md": _effects_markdown(effects) if len(effects) else ""}
+
+
+COMPONENTS = ("SSS", "DCL", "L_tg")  # the positions of RowSpec.paper2
+
+
+def component_effects(table2: pd.DataFrame) -> pd.DataFrame:
+    """What switching one component on does to Dice, here and in the paper: one line per pair of Table-2 rows.
+
+    ``table2`` is :func:`render_tables`'s ``"table2"`` summary. A pair is two
+    rows whose ``paper2`` switches ``(sss, dcl, tg)`` differ in exactly one
+    component (e.g. DCL + L_tg -> DuSSS for SSS); the paper's seven rows give
+    three pairs per component (``row_off`` -> ``row_on``). ``ours`` / ``paper`` = Dice of the row with the
+    component minus the row without it (points; NaN where either of our runs
+    is missing), ``same_sign`` = both deltas have the same sign (None while
+    ours is missing), ``seeds`` = the fewer seeds of the two rows. As in the
+    paper, the pairs from the baseline (Mean Teacher) also add the VLM's text
+    guidance to Step 2, not only the one component.
+    """
+    cols = ["dataset", "component", "row_off", "row_on", "ours", "paper", "same_sign", "seeds"]
+    out = []
+    for dataset, grp in table2.groupby("dataset", sort=False):
+        by_switch = {_spec(r.row).paper2: r for r in grp.itertuples() if _spec(r.row).paper2 is not None}
+        for k, name in enumerate(COMPONENTS):
+            for off, a in by_switch.items():
+                if off[k]:
+                    continue
+                b = by_switch.get(off[:k] + (1,) + off[k + 1:])
+                if b is None:
+                    continue
+                ours = b.dice_mean - a.dice_mean
+                paper = b.paper_dice - a.paper_dice
+                same = None if pd.isna(ours) or pd.isna(paper) else bool((ours > 0) == (paper > 0))
+                out.append({"dataset": dataset, "component": name, "row_off": a.label, "row_on": b.label,
+                            "ours": ours, "paper": paper, "same_sign": same,
+                            "seeds": int(min(a.n_seeds, b.n_seeds))})
+    return pd.DataFrame(out, columns=cols)
+
+
+def _effects_markdown(effects: pd.DataFrame) -> str:
+    lines = ["| data set | component | without → with | ours Δ Dice | paper Δ Dice | same sign | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    sign = {True: "yes", False: "**no**", None: "–"}
+    for r in effects.itertuples():
+        ours = "–" if pd.isna(r.ours) else f"{r.ours:+.2f}"
+        paper = "–" if pd.isna(r.paper) else f"{r.paper:+.2f}"
+        lines.append(f"| {r.dataset} | {r.component} | {r.row_off} → {r.row_on} | {ours} | {paper} |"
+                     f" {sign[r.same_sign]} | {r.seeds} |")
+    return "\n".join(lines) + "\n"
 
 
 def complexity(cfg: Config | None = None, image_size: int = 224) -> dict[str, float]:
@@ -390,6 +444,8 @@ def plot_tables(tables: dict[str, Any]):
 def write_outputs(tables: dict[str, Any], profile: str, cx: dict[str, float] | None = None) -> dict[str, Path]:
     """CSV + Markdown of both tables to ``results/04_table{1,2}[_<profile>]``, the bar chart to ``figures/``.
 
+    Table 2's component effects (:func:`component_effects`) go to
+    ``results/04_table2_effects[_<profile>]`` when ``tables`` has them.
     The Markdown of Table 1 ends with the complexity line (:func:`complexity`)
     when ``cx`` is given. Returns the written paths.
     """
@@ -408,6 +464,11 @@ def write_outputs(tables: dict[str, Any], profile: str, cx: dict[str, float] | N
                    f"{cx['gflops']:.2f} GFLOPs (paper: {cx['paper_params_m']} M, {cx['paper_g']} G).\n")
         atomic_write_text(out / f"{stem}.md", md)
         paths[f"{name}_csv"], paths[f"{name}_md"] = out / f"{stem}.csv", out / f"{stem}.md"
+    if "effects" in tables:
+        stem = tagged("04_table2_effects", profile)
+        tables["effects"].to_csv(out / f"{stem}.csv", index=False, float_format="%.4f")
+        atomic_write_text(out / f"{stem}.md", tables.get("effects_md", ""))
+        paths["effects_csv"], paths["effects_md"] = out / f"{stem}.csv", out / f"{stem}.md"
     import matplotlib.pyplot as plt
 
     fig = plot_tables(tables)
@@ -482,6 +543,7 @@ BEGIN, END = "<!-- tables:begin (generated by dusss.tables.write_readme_section)
 def write_readme_section(profile: str = "demo", readme: str | Path | None = None, *, extra: str = "") -> str:
     """Paste ``results/04_table{1,2}[_<profile>].md`` (and ``extra``) into the README after ``<!-- section:tables -->``.
 
+    ``results/04_table2_effects[_<profile>].md`` follows the tables when it exists.
     The generated block sits between :data:`BEGIN` and :data:`END`, inserted
     right after the marker line the first time and replaced on later calls;
     nothing else in the README changes. Returns the block.
@@ -497,6 +559,11 @@ def write_readme_section(profile: str = "demo", readme: str | Path | None = None
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist; run notebooks/04_ablation.ipynb (profile {profile}) first")
         parts.append(f"**{title}**, test Dice / mIoU (%), from `{path.relative_to(path.parents[1])}`:\n\n"
+                     f"{path.read_text().strip()}\n")
+    path = results_dir() / f"{tagged('04_table2_effects', profile)}.md"
+    if path.is_file() and path.read_text().strip():
+        parts.append(f"**Does each component help?** Dice of the Table-2 row with the component minus the row "
+                     f"without it (points), ours and the paper's, from `{path.relative_to(path.parents[1])}`:\n\n"
                      f"{path.read_text().strip()}\n")
     block = BEGIN + "\n" + "\n".join(parts) + (f"\n{extra.strip()}\n" if extra else "") + END
     if BEGIN in text and END in text:

@@ -84,6 +84,30 @@ def test_table2_rank_column_orders_rows_by_dice(tmp_outputs):
     assert lines["DuSSS (SSS + DCL + L_tg)"].rstrip().endswith("| 1 / 1 |")
 
 
+def test_component_effects_pair_rows_that_differ_in_one_switch_and_compare_signs_with_the_paper(tmp_outputs):
+    for row, dice in {"mt": 0.60, "sss": 0.65, "dcl": 0.58, "dusss": 0.70}.items():
+        _fake_run("demo", "qata-synth", row, 0.5, 1, dice, dice - 0.1)
+    t = T.render_tables(T.load_runs("demo"), table1_rows=[])
+    e = t["effects"]
+    assert len(e) == 9 and (e.groupby("component").size() == 3).all()  # 7 rows of 8 combinations: 3 pairs each
+    pair = e.set_index(["component", "row_off", "row_on"])
+    up = pair.loc[("SSS", "Mean Teacher", "SSS")]
+    assert up["ours"] == pytest.approx(5.0) and up["paper"] == pytest.approx(80.86 - 79.64) and up["same_sign"]
+    down = pair.loc[("DCL", "Mean Teacher", "DCL")]
+    assert down["ours"] == pytest.approx(-2.0) and down["paper"] == pytest.approx(80.13 - 79.64)
+    assert down["same_sign"] is not None and not down["same_sign"]
+    missing = pair.loc[("L_tg", "SSS + DCL", "DuSSS (SSS + DCL + L_tg)")]  # SSS + DCL was not run
+    assert np.isnan(missing["ours"]) and missing["same_sign"] is None and missing["seeds"] == 0
+    assert missing["paper"] == pytest.approx(82.52 - 81.10)
+    md = t["effects_md"]
+    assert "| qata-synth | SSS | Mean Teacher → SSS | +5.00 | +1.22 | yes | 1 |" in md
+    assert "| qata-synth | DCL | Mean Teacher → DCL | -2.00 | +0.49 | **no** | 1 |" in md
+    T.write_outputs(t, "demo")
+    readme = tmp_outputs / "README.md"
+    readme.write_text("## Tables 1 and 2\n<!-- section:tables -->\n")
+    assert "Does each component help?" in T.write_readme_section("demo", readme)
+
+
 def test_paper_tables_typed_as_printed():
     p1, p2 = paper_table1(), paper_table2()
     assert len(p1) == 25 and len(p2) == 7
