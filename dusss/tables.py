@@ -40,7 +40,7 @@ from .utils import atomic_write_json, atomic_write_text, get_logger, repo_root
 
 __all__ = ["RowSpec", "ROWS", "TABLE1_ROWS", "TABLE2_ROWS", "PAPER_NAMES", "run_name", "run_file", "run_one",
            "run_grid", "load_runs", "summarise", "render_tables", "complexity", "write_outputs", "plot_tables",
-           "grid_cost", "measured_seconds", "write_readme_section", "PRETRAIN_RATIO", "COMPONENTS",
+           "grid_cost", "measured_seconds", "write_readme_section", "PRETRAIN_RATIO", "COMPONENTS", "PAPER_ONLY",
            "component_effects"]
 
 log = get_logger(__name__)
@@ -49,6 +49,7 @@ PRETRAIN_RATIO = 0.25  # VLMs are pre-trained on the 25 % labelled split, which 
 PAPER_NAMES = {"qata-synth": "QaTa-COV19", "qata": "QaTa-COV19", "nuclei-real": "MoNuSeg", "monuseg": "MoNuSeg",
                "bmseg": "BM-Seg"}  # our data set -> the paper's column it stands in for
 _PAPER_KEY = {"QaTa-COV19": "qata", "BM-Seg": "bmseg", "MoNuSeg": "monuseg"}
+PAPER_ONLY = ("BM-Seg",)  # the paper's data sets with no embedded stand-in: shown as paper-only columns
 
 
 @dataclass(frozen=True)
@@ -243,8 +244,10 @@ def summarise(runs: pd.DataFrame, rows: Iterable[str], ratios: Iterable[float], 
     ``runs`` is :func:`load_runs`; runs are matched to rows by
     :func:`run_name` without the seed. Every (row, ratio, data set) appears,
     with ``n_seeds = 0`` and NaN where no run exists, and the paper's numbers
-    (``paper_dice``, ``paper_miou``) where the paper has that row. ``datasets``
-    None = the data sets that have runs.
+    (``paper_dice``, ``paper_miou``) where the paper has that row, plus those of
+    the paper's data sets that have no stand-in here (:data:`PAPER_ONLY`:
+    ``paper_bmseg_dice``, ``paper_bmseg_miou``). ``datasets`` None = the data
+    sets that have runs.
     """
     from .paper_tables import paper_table1, paper_table2
 
@@ -269,6 +272,12 @@ def summarise(runs: pd.DataFrame, rows: Iterable[str], ratios: Iterable[float], 
                     hit = p2[(p2["sss"] == s) & (p2["dcl"] == d) & (p2["tg"] == t)]
                     paper = hit.iloc[0] if len(hit) else None
                 n = len(sel)
+                only = {}
+                for name in PAPER_ONLY:
+                    k = _PAPER_KEY[name]
+                    for metric in ("dice", "miou"):
+                        only[f"paper_{k}_{metric}"] = (float(paper[f"{k}_{metric}"]) if paper is not None
+                                                       else float("nan"))
                 out.append({
                     "table": table, "row": row, "label": spec.label, "ratio": ratio, "dataset": dataset,
                     "paper_dataset": PAPER_NAMES.get(dataset, ""), "n_seeds": n,
@@ -278,9 +287,11 @@ def summarise(runs: pd.DataFrame, rows: Iterable[str], ratios: Iterable[float], 
                     "miou_std": 100 * sel["test_miou"].std(ddof=1) if n > 1 else (0.0 if n else float("nan")),
                     "paper_dice": float(paper[f"{key}_dice"]) if paper is not None else float("nan"),
                     "paper_miou": float(paper[f"{key}_miou"]) if paper is not None else float("nan"),
+                    **only,
                 })
     cols = ["table", "row", "label", "ratio", "dataset", "paper_dataset", "n_seeds", "dice_mean", "dice_std",
             "miou_mean", "miou_std", "paper_dice", "paper_miou"]
+    cols += [f"paper_{_PAPER_KEY[name]}_{metric}" for name in PAPER_ONLY for metric in ("dice", "miou")]
     return pd.DataFrame(out, columns=cols)  # the columns even with no rows (e.g. table1_rows=[])
 
 
@@ -295,7 +306,9 @@ def _num(x: float) -> str:
 
 
 def _markdown(summary: pd.DataFrame, *, ranks: bool) -> str:
-    """One Markdown table: a line per (ratio, row), per data set ours (mean ± std) and the paper's Dice / mIoU."""
+    """One Markdown table: a line per (ratio, row), per data set ours (mean ± std) and the paper's Dice / mIoU.
+
+    The last columns are the paper's numbers on its data sets with no stand-in here (:data:`PAPER_ONLY`)."""
     datasets = list(dict.fromkeys(summary["dataset"]))
     head = "| labels | method |"
     rule = "|---|---|"
@@ -306,6 +319,9 @@ def _markdown(summary: pd.DataFrame, *, ranks: bool) -> str:
         if ranks:
             head += f" {d} rank ours / paper |"
             rule += "---|"
+    for name in PAPER_ONLY:
+        head += f" {name} (paper only) Dice | {name} mIoU |"
+        rule += "---|---|"
     lines = [head, rule]
     rank = {}
     if ranks:
@@ -324,6 +340,10 @@ def _markdown(summary: pd.DataFrame, *, ranks: bool) -> str:
             if ranks:
                 ours, theirs = rank[d][0][row], rank[d][1][row]
                 line += f" {'–' if pd.isna(ours) else int(ours)} / {'–' if pd.isna(theirs) else int(theirs)} |"
+        first = grp.iloc[0]
+        for name in PAPER_ONLY:
+            k = _PAPER_KEY[name]
+            line += f" {_num(first[f'paper_{k}_dice'])} | {_num(first[f'paper_{k}_miou'])} |"
         lines.append(line)
     return "\n".join(lines) + "\n"
 
