@@ -42,6 +42,7 @@ class Config:
     # ---- run -------------------------------------------------------------
     profile: str = "demo"  # name of the profile these values started from
     seed: int = 666  # the authors' seed; one helper seeds python, numpy, torch
+    data_seed: int = -1  # draw of the embedded data, real-data val hold-out, labelled subset; -1 = seed
     device: str = "auto"  # "auto" = cuda if available, else cpu; or "cpu", "cuda:0"
     num_threads: int = 0  # torch intra-op threads; 0 = torch's default
     amp: str = "auto"  # bfloat16 autocast of the training forward passes: "auto" = on CUDA only, "bf16", "off"
@@ -146,18 +147,35 @@ class Config:
         merged.update(overrides)
         return make_config(self.profile, merged, _base_is_profile=False)
 
+    def resolved_data_seed(self) -> int:
+        """The seed of the data (``data_seed``, or ``seed`` when it is -1).
+
+        It draws the embedded data sets (``qata-synth``'s images, ``nuclei-real``'s
+        train/val/test blocks), the val hold-out of ``prepare-qata`` /
+        ``prepare-bmseg`` and the labelled subset of every ratio; ``seed`` alone
+        drives the training (initialisation, augmentation, batch order). The
+        default makes each seed a replicate of the whole experiment; fix
+        ``data_seed`` to vary only the training over seeds.
+        """
+        return self.seed if self.data_seed == -1 else self.data_seed
+
     def resolved_data_root(self) -> Path:
         """``data_root``, else ``$DUSSS_DATA/<name>``, else ``<checkout>/data/<name>``.
 
         ``<name>`` is the dataset, with ``_<profile>`` appended for the generated
-        sets outside the demo profile (``qata-synth_smoke``), so a smoke run never
-        regenerates, under a concurrent demo run, the folder that run is reading.
+        sets outside the demo profile (``qata-synth_smoke``) and ``_s<data seed>``
+        for a data seed other than 666 (``nuclei-real_s667``), so a run never
+        regenerates, under a concurrent run of another profile or seed, the
+        folder that run is reading.
         """
         if self.data_root:
             return Path(self.data_root).expanduser()
         name = self.dataset
-        if self.dataset in ("qata-synth", "nuclei-real") and self.profile != "demo":
-            name = f"{self.dataset}_{self.profile}"
+        if self.dataset in ("qata-synth", "nuclei-real"):
+            if self.profile != "demo":
+                name = f"{name}_{self.profile}"
+            if self.resolved_data_seed() != 666:
+                name = f"{name}_s{self.resolved_data_seed()}"
         env = os.environ.get("DUSSS_DATA")
         if env:
             return Path(env).expanduser() / name
@@ -280,6 +298,7 @@ def _check_ranges(cfg: Config) -> None:
     """Reject values that are well-typed but meaningless, naming the key."""
     checks = [
         ("ratio", 0.0 < cfg.ratio <= 1.0, "must be in (0, 1]"),
+        ("data_seed", cfg.data_seed >= -1, "must be >= 0, or -1 (= seed)"),
         ("sss_a", cfg.sss_a > 0, "must be > 0 (Eq. 2)"),
         ("sss_lam", cfg.sss_lam >= 0, "must be >= 0 (Eq. 4)"),
         ("sss_eps", cfg.sss_eps > 0, "must be > 0"),

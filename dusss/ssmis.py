@@ -227,12 +227,13 @@ def _load_guidance(cfg: Config, device: torch.device) -> TextGuidance:
         log.warning("the VLM %s was pre-trained on %s, not %s", path, vlm.cfg.dataset, cfg.dataset)
     # A VLM whose grounding saw the masks of a larger labelled share (or another seed's split) has seen
     # masks of images that are unlabelled here: its text-guided masks would leak ground truth.
-    leaks = getattr(vlm.cfg, "ground_sup", False) and (vlm.cfg.ratio > cfg.ratio or vlm.cfg.seed != cfg.seed)
+    vlm_seed, seed = vlm.cfg.resolved_data_seed(), cfg.resolved_data_seed()
+    leaks = getattr(vlm.cfg, "ground_sup", False) and (vlm.cfg.ratio > cfg.ratio or vlm_seed != seed)
     if leaks:
         raise ValueError(f"the VLM {path} was pre-trained with mask supervision on the ratio={vlm.cfg.ratio:g}, "
-                         f"seed={vlm.cfg.seed} labelled split, which includes images that are unlabelled at "
-                         f"ratio={cfg.ratio:g}, seed={cfg.seed}; pre-train it at this ratio and seed (or smaller "
-                         "ratio) or with ground_sup=false")
+                         f"data seed {vlm_seed} labelled split, which includes images that are unlabelled at "
+                         f"ratio={cfg.ratio:g}, data seed {seed}; pre-train it at this ratio and data seed (or "
+                         "smaller ratio) or with ground_sup=false")
     return TextGuidance(vlm, device, batch_size=max(cfg.labeled_bs + cfg.unlabeled_bs, 8))
 
 

@@ -55,7 +55,7 @@ def test_int_is_accepted_for_a_float_key():
 
 
 @pytest.mark.parametrize("key,value", [("ratio", 0.0), ("ratio", 1.5), ("sss_a", -1.0), ("method", "fancy"),
-                                       ("image_size", 100)])
+                                       ("image_size", 100), ("data_seed", -2)])
 def test_out_of_range_values_are_rejected(key, value):
     with pytest.raises(ConfigError, match=key):
         make_config("demo", **{key: value})

@@ -135,6 +135,20 @@ def test_dusss_without_a_vlm_checkpoint_says_how_to_make_one(env):
         train_ssmis(_cfg(env, "no-vlm", vlm_checkpoint=str(env["root"] / "missing.pt")), progress=False)
 
 
+def test_a_vlm_grounded_on_masks_unlabelled_here_is_refused(env):
+    """Leakage guard: the VLM's mask supervision must come from inside this run's labelled split."""
+    from dusss.ssmis import _load_guidance
+
+    vlm_ratio = torch.load(env["vlm"], weights_only=True)["config"]["ratio"]
+    cpu = torch.device("cpu")
+    assert _load_guidance(_cfg(env, "g"), cpu) is not None
+    with pytest.raises(ValueError, match="includes images that are unlabelled"):
+        _load_guidance(_cfg(env, "g", ratio=vlm_ratio / 2), cpu)  # a smaller labelled split than the VLM's
+    with pytest.raises(ValueError, match="data seed 666 labelled split.*data seed 667"):
+        _load_guidance(_cfg(env, "g", seed=667), cpu)  # another seed draws another labelled subset
+    assert _load_guidance(_cfg(env, "g", seed=667, data_seed=666), cpu) is not None  # same data, new training
+
+
 def test_cli_evaluate_reproduces_the_test_score_of_the_best_checkpoint(env, dusss_run, capsys):
     _, metrics = dusss_run
     out = env["root"] / "eval"

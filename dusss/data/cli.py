@@ -50,12 +50,12 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         elif args.action == "prepare-qata":
             raw = _require_path(args, "QaTa-COV19-v2 download")
             out = Path(cfg.data_root) if cfg.data_root else cfg.replace(dataset="qata").resolved_data_root()
-            prepare_qata(raw, out, args.text_dir, seed=cfg.seed)
+            prepare_qata(raw, out, args.text_dir, seed=cfg.resolved_data_seed())
             print(format_check(out, check_dataset(out)))
         elif args.action == "prepare-bmseg":
             raw = _require_path(args, "BM-Seg download")
             out = Path(cfg.data_root) if cfg.data_root else cfg.replace(dataset="bmseg").resolved_data_root()
-            prepare_bmseg(raw, out, seed=cfg.seed)
+            prepare_bmseg(raw, out, seed=cfg.resolved_data_seed())
             print(format_check(out, check_dataset(out)))
         elif args.action == "check":
             root = Path(args.path).expanduser() if args.path else cfg.resolved_data_root()

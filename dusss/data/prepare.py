@@ -54,21 +54,22 @@ def _generation_params(cfg: Config) -> dict:
     from .synth import SYNTH_VERSION
 
     if cfg.dataset == "qata-synth":
-        return {"dataset": cfg.dataset, "version": SYNTH_VERSION, "seed": cfg.seed, "train": cfg.synth_train,
+        return {"dataset": cfg.dataset, "version": SYNTH_VERSION, "seed": cfg.resolved_data_seed(), "train": cfg.synth_train,
                 "val": cfg.synth_val, "test": cfg.synth_test, "size": cfg.synth_size}
     from .nuclei import NUCLEI_VERSION
 
-    return {"dataset": cfg.dataset, "version": NUCLEI_VERSION, "seed": cfg.seed, "patch": cfg.nuclei_patch}
+    return {"dataset": cfg.dataset, "version": NUCLEI_VERSION, "seed": cfg.resolved_data_seed(), "patch": cfg.nuclei_patch}
 
 
 def _generate(cfg: Config, folder: Path) -> dict:
     if cfg.dataset == "qata-synth":
         from .synth import generate_qata_synth
 
-        return generate_qata_synth(folder, cfg.synth_train, cfg.synth_val, cfg.synth_test, cfg.synth_size, cfg.seed)
+        return generate_qata_synth(folder, cfg.synth_train, cfg.synth_val, cfg.synth_test, cfg.synth_size,
+                                   cfg.resolved_data_seed())
     from .nuclei import generate_nuclei_real
 
-    return generate_nuclei_real(folder, cfg.nuclei_patch, cfg.seed)
+    return generate_nuclei_real(folder, cfg.nuclei_patch, cfg.resolved_data_seed())
 
 
 def _read_marker(root: Path) -> dict | None:

@@ -91,6 +91,7 @@ def split_for(cfg, names: Sequence[str]) -> tuple[list[str], list[str]]:
     """The labelled/unlabelled split a run of ``cfg`` uses for the training ``names``.
 
     The committed file ``splits/<dataset>[_<profile>]_r<ratio>_s<seed>.json``
+    (``seed`` = ``cfg.resolved_data_seed()``)
     when it exists (checked against ``names``: a mismatch raises, never a
     silent re-split), else :func:`split_labeled` computed on the spot -- the
     same result, since the split is a function of the names, ratio and seed.
@@ -99,6 +100,7 @@ def split_for(cfg, names: Sequence[str]) -> tuple[list[str], list[str]]:
     from ..paths import tagged
 
     key = tagged(cfg.dataset, cfg.profile)
-    if split_path(key, cfg.ratio, cfg.seed).is_file():
-        return load_split(key, cfg.ratio, cfg.seed, names=names)
-    return split_labeled(names, cfg.ratio, cfg.seed)
+    seed = cfg.resolved_data_seed()
+    if split_path(key, cfg.ratio, seed).is_file():
+        return load_split(key, cfg.ratio, seed, names=names)
+    return split_labeled(names, cfg.ratio, seed)
