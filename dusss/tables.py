@@ -379,12 +379,14 @@ def component_effects(table2: pd.DataFrame) -> pd.DataFrame:
     component (e.g. DCL + L_tg -> DuSSS for SSS); the paper's seven rows give
     three pairs per component (``row_off`` -> ``row_on``). ``ours`` / ``paper`` = Dice of the row with the
     component minus the row without it (points; NaN where either of our runs
-    is missing), ``same_sign`` = both deltas have the same sign (None while
-    ours is missing), ``seeds`` = the fewer seeds of the two rows. As in the
+    is missing), ``ours_se`` = its standard error over seeds,
+    ``sqrt(std_on**2 / n_on + std_off**2 / n_off)`` (NaN below two seeds a
+    row), ``same_sign`` = both deltas have the same sign (None while ours is
+    missing), ``seeds`` = the fewer seeds of the two rows. As in the
     paper, the pairs from the baseline (Mean Teacher) also add the VLM's text
     guidance to Step 2, not only the one component.
     """
-    cols = ["dataset", "component", "row_off", "row_on", "ours", "paper", "same_sign", "seeds"]
+    cols = ["dataset", "component", "row_off", "row_on", "ours", "ours_se", "paper", "same_sign", "seeds"]
     out = []
     for dataset, grp in table2.groupby("dataset", sort=False):
         by_switch = {_spec(r.row).paper2: r for r in grp.itertuples() if _spec(r.row).paper2 is not None}
@@ -396,20 +398,22 @@ def component_effects(table2: pd.DataFrame) -> pd.DataFrame:
                 if b is None:
                     continue
                 ours = b.dice_mean - a.dice_mean
+                se = (float((a.dice_std ** 2 / a.n_seeds + b.dice_std ** 2 / b.n_seeds) ** 0.5)
+                      if min(a.n_seeds, b.n_seeds) > 1 else float("nan"))
                 paper = b.paper_dice - a.paper_dice
                 same = None if pd.isna(ours) or pd.isna(paper) else bool((ours > 0) == (paper > 0))
                 out.append({"dataset": dataset, "component": name, "row_off": a.label, "row_on": b.label,
-                            "ours": ours, "paper": paper, "same_sign": same,
+                            "ours": ours, "ours_se": se, "paper": paper, "same_sign": same,
                             "seeds": int(min(a.n_seeds, b.n_seeds))})
     return pd.DataFrame(out, columns=cols)
 
 
 def _effects_markdown(effects: pd.DataFrame) -> str:
-    lines = ["| data set | component | without → with | ours Δ Dice | paper Δ Dice | same sign | seeds |",
+    lines = ["| data set | component | without → with | ours Δ Dice (± SE) | paper Δ Dice | same sign | seeds |",
              "|---|---|---|---|---|---|---|"]
     sign = {True: "yes", False: "**no**", None: "–"}
     for r in effects.itertuples():
-        ours = "–" if pd.isna(r.ours) else f"{r.ours:+.2f}"
+        ours = "–" if pd.isna(r.ours) else f"{r.ours:+.2f}" + ("" if pd.isna(r.ours_se) else f" ± {r.ours_se:.2f}")
         paper = "–" if pd.isna(r.paper) else f"{r.paper:+.2f}"
         lines.append(f"| {r.dataset} | {r.component} | {r.row_off} → {r.row_on} | {ours} | {paper} |"
                      f" {sign[r.same_sign]} | {r.seeds} |")

@@ -103,6 +103,14 @@ def test_component_effects_pair_rows_that_differ_in_one_switch_and_compare_signs
     missing = pair.loc[("L_tg", "SSS + DCL", "DuSSS (SSS + DCL + L_tg)")]  # SSS + DCL was not run
     assert np.isnan(missing["ours"]) and missing["same_sign"] is None and missing["seeds"] == 0
     assert missing["paper"] == pytest.approx(82.52 - 81.10)
+    assert np.isnan(up["ours_se"])  # one seed: no standard error
+    _fake_run("demo", "qata-synth", "mt", 0.5, 2, 0.64, 0.54)
+    _fake_run("demo", "qata-synth", "sss", 0.5, 2, 0.65, 0.55)
+    two = T.render_tables(T.load_runs("demo"), table1_rows=[])["effects"].set_index(["component", "row_off", "row_on"])
+    se = two.loc[("SSS", "Mean Teacher", "SSS")]
+    assert se["ours"] == pytest.approx(3.0)  # 65 - mean(60, 64)
+    assert se["ours_se"] == pytest.approx((100 * np.std([0.60, 0.64], ddof=1)) / np.sqrt(2))  # sss std is 0
+    assert "| +3.00 ± 2.00 |" in T.render_tables(T.load_runs("demo"), table1_rows=[])["effects_md"]
     md = t["effects_md"]
     assert "| qata-synth | SSS | Mean Teacher → SSS | +5.00 | +1.22 | yes | 1 |" in md
     assert "| qata-synth | DCL | Mean Teacher → DCL | -2.00 | +0.49 | **no** | 1 |" in md
