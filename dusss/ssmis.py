@@ -225,7 +225,7 @@ def _load_guidance(cfg: Config, device: torch.device) -> TextGuidance:
     vlm = load_vlm(path, device)
     if vlm.cfg.dataset != cfg.dataset:
         log.warning("the VLM %s was pre-trained on %s, not %s", path, vlm.cfg.dataset, cfg.dataset)
-    # A VLM whose grounding saw the masks of a larger labelled share (or another seed's split) has seen
+    # A VLM whose grounding saw the masks of a larger labelled share (or another data seed's split) has seen
     # masks of images that are unlabelled here: its text-guided masks would leak ground truth.
     vlm_seed, seed = vlm.cfg.resolved_data_seed(), cfg.resolved_data_seed()
     leaks = getattr(vlm.cfg, "ground_sup", False) and (vlm.cfg.ratio > cfg.ratio or vlm_seed != seed)

@@ -308,7 +308,8 @@ def _num(x: float) -> str:
 def _markdown(summary: pd.DataFrame, *, ranks: bool) -> str:
     """One Markdown table: a line per (ratio, row), per data set ours (mean ± std) and the paper's Dice / mIoU.
 
-    The last columns are the paper's numbers on its data sets with no stand-in here (:data:`PAPER_ONLY`)."""
+    The last columns are the paper's numbers on its data sets with no stand-in here (:data:`PAPER_ONLY`).
+    """
     datasets = list(dict.fromkeys(summary["dataset"]))
     head = "| labels | method |"
     rule = "|---|---|"

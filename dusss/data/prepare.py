@@ -54,11 +54,12 @@ def _generation_params(cfg: Config) -> dict:
     from .synth import SYNTH_VERSION
 
     if cfg.dataset == "qata-synth":
-        return {"dataset": cfg.dataset, "version": SYNTH_VERSION, "seed": cfg.resolved_data_seed(), "train": cfg.synth_train,
-                "val": cfg.synth_val, "test": cfg.synth_test, "size": cfg.synth_size}
+        return {"dataset": cfg.dataset, "version": SYNTH_VERSION, "seed": cfg.resolved_data_seed(),
+                "train": cfg.synth_train, "val": cfg.synth_val, "test": cfg.synth_test, "size": cfg.synth_size}
     from .nuclei import NUCLEI_VERSION
 
-    return {"dataset": cfg.dataset, "version": NUCLEI_VERSION, "seed": cfg.resolved_data_seed(), "patch": cfg.nuclei_patch}
+    return {"dataset": cfg.dataset, "version": NUCLEI_VERSION, "seed": cfg.resolved_data_seed(),
+            "patch": cfg.nuclei_patch}
 
 
 def _generate(cfg: Config, folder: Path) -> dict:
