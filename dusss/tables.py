@@ -586,10 +586,11 @@ def write_readme_section(profile: str = "demo", readme: str | Path | None = None
         parts.append(f"**{title}**, test Dice / mIoU (%), from `{path.relative_to(path.parents[1])}`:\n\n"
                      f"{path.read_text().strip()}\n")
     path = results_dir() / f"{tagged('04_table2_effects', profile)}.md"
-    if path.is_file() and path.read_text().strip():
+    effects = path.read_text().strip() if path.is_file() else ""
+    if effects:
         parts.append(f"**Does each component help?** Dice of the Table-2 row with the component minus the row "
                      f"without it (points), ours and the paper's, from `{path.relative_to(path.parents[1])}`:\n\n"
-                     f"{path.read_text().strip()}\n")
+                     f"{effects}\n")
     block = BEGIN + "\n" + "\n".join(parts) + (f"\n{extra.strip()}\n" if extra else "") + END
     if BEGIN in text and END in text:
         start, stop = text.index(BEGIN), text.index(END) + len(END)
