@@ -41,7 +41,7 @@ from .utils import atomic_write_json, atomic_write_text, get_logger, repo_root
 __all__ = ["RowSpec", "ROWS", "TABLE1_ROWS", "TABLE2_ROWS", "PAPER_NAMES", "run_name", "run_file", "run_one",
            "run_grid", "load_runs", "summarise", "render_tables", "complexity", "write_outputs", "plot_tables",
            "grid_cost", "measured_seconds", "write_readme_section", "PRETRAIN_RATIO", "COMPONENTS", "PAPER_ONLY",
-           "component_effects"]
+           "component_effects", "row_contrasts", "CONTRASTS"]
 
 log = get_logger(__name__)
 
@@ -357,19 +357,36 @@ def render_tables(runs: pd.DataFrame, *, table1_rows: Iterable[str] = TABLE1_ROW
     Table 2's Markdown adds, per data set, each row's Dice rank among the
     rows here next to its rank in the paper (1 = best); ``"effects"`` /
     ``"effects_md"`` (:func:`component_effects`) say, pair by pair, whether
-    each component helps here as it did there. ``datasets``
+    each component helps here as it did there, and ``"contrasts"`` /
+    ``"contrasts_md"`` (:func:`row_contrasts`) give Table 1's comparisons
+    (DuSSS minus each other row, ...) as differences. ``datasets``
     None = the data sets that have runs (else every one listed, empty cells "–").
     """
     datasets = list(datasets) if datasets is not None else None
     t1 = summarise(runs, table1_rows, table1_ratios, "table1", datasets)
     t2 = summarise(runs, table2_rows, [table2_ratio], "table2", datasets)
-    effects = component_effects(t2)
+    effects, contrasts = component_effects(t2), row_contrasts(t1)
     return {"table1": t1, "table2": t2, "table1_md": _markdown(t1, ranks=False) if len(t1) else "",
             "table2_md": _markdown(t2, ranks=True) if len(t2) else "", "effects": effects,
-            "effects_md": _effects_markdown(effects) if len(effects) else ""}
+            "effects_md": _effects_markdown(effects) if len(effects) else "", "contrasts": contrasts,
+            "contrasts_md": _contrasts_markdown(contrasts) if len(contrasts) else ""}
 
 
 COMPONENTS = ("SSS", "DCL", "L_tg")  # the positions of RowSpec.paper2
+
+
+def _difference(on, off) -> tuple[float, float, float, bool | None, int]:
+    """Dice of summary line ``on`` minus ``off``: ours, its standard error, the paper's, same sign, fewer seeds.
+
+    The standard error over seeds is ``sqrt(std_on**2 / n_on + std_off**2 / n_off)``
+    (NaN below two seeds a line); same sign is None while either delta is missing.
+    """
+    ours = on.dice_mean - off.dice_mean
+    se = (float((on.dice_std ** 2 / on.n_seeds + off.dice_std ** 2 / off.n_seeds) ** 0.5)
+          if min(on.n_seeds, off.n_seeds) > 1 else float("nan"))
+    paper = on.paper_dice - off.paper_dice
+    same = None if pd.isna(ours) or pd.isna(paper) else bool((ours > 0) == (paper > 0))
+    return float(ours), se, float(paper), same, int(min(on.n_seeds, off.n_seeds))
 
 
 def component_effects(table2: pd.DataFrame) -> pd.DataFrame:
@@ -398,14 +415,9 @@ def component_effects(table2: pd.DataFrame) -> pd.DataFrame:
                 b = by_switch.get(off[:k] + (1,) + off[k + 1:])
                 if b is None:
                     continue
-                ours = b.dice_mean - a.dice_mean
-                se = (float((a.dice_std ** 2 / a.n_seeds + b.dice_std ** 2 / b.n_seeds) ** 0.5)
-                      if min(a.n_seeds, b.n_seeds) > 1 else float("nan"))
-                paper = b.paper_dice - a.paper_dice
-                same = None if pd.isna(ours) or pd.isna(paper) else bool((ours > 0) == (paper > 0))
+                ours, se, paper, same, seeds = _difference(b, a)
                 out.append({"dataset": dataset, "component": name, "row_off": a.label, "row_on": b.label,
-                            "ours": ours, "ours_se": se, "paper": paper, "same_sign": same,
-                            "seeds": int(min(a.n_seeds, b.n_seeds))})
+                            "ours": ours, "ours_se": se, "paper": paper, "same_sign": same, "seeds": seeds})
     return pd.DataFrame(out, columns=cols)
 
 
@@ -414,10 +426,66 @@ def _effects_markdown(effects: pd.DataFrame) -> str:
              "|---|---|---|---|---|---|---|"]
     sign = {True: "yes", False: "**no**", None: "–"}
     for r in effects.itertuples():
-        ours = "–" if pd.isna(r.ours) else f"{r.ours:+.2f}" + ("" if pd.isna(r.ours_se) else f" ± {r.ours_se:.2f}")
-        paper = "–" if pd.isna(r.paper) else f"{r.paper:+.2f}"
+        ours, paper = _delta(r.ours, r.ours_se), _delta(r.paper, float("nan"))
         lines.append(f"| {r.dataset} | {r.component} | {r.row_off} → {r.row_on} | {ours} | {paper} |"
                      f" {sign[r.same_sign]} | {r.seeds} |")
+    return "\n".join(lines) + "\n"
+
+
+# Table 1's questions, each "row a minus row b" at the same label share (U-Net 100 % is one line for both shares)
+CONTRASTS = (("dusss", "mt"), ("dusss", "clip"), ("dusss", "bcp"), ("dusss", "ucmt"), ("dusss", "unet"),
+             ("dusss", "unet100"), ("mt", "unet"), ("mt", "bcp"))
+
+
+def row_contrasts(table1: pd.DataFrame, pairs: Iterable[tuple[str, str]] = CONTRASTS) -> pd.DataFrame:
+    """Table 1's comparisons as differences: Dice of row ``a`` minus row ``b`` per data set and label share.
+
+    ``table1`` is :func:`render_tables`'s ``"table1"`` summary. For each pair
+    and each ratio of row ``a`` (a row with a fixed ratio, the 100 % U-Net, is
+    matched to every ratio), ``ours`` ± ``ours_se`` and ``paper`` are as in
+    :func:`component_effects` (:func:`_difference`); ``paper`` is NaN where the
+    paper has no such row (the labelled-only U-Net, the CLIP-style VLM). Pairs
+    with a row missing from ``table1`` are skipped.
+    """
+    cols = ["dataset", "ratio", "row_a", "row_b", "label_a", "label_b", "ours", "ours_se", "paper", "same_sign",
+            "seeds"]
+    out = []
+    for dataset, grp in table1.groupby("dataset", sort=False):
+        for a_row, b_row in pairs:
+            for a in grp[grp["row"] == a_row].itertuples():
+                b = grp[(grp["row"] == b_row) & ((grp["ratio"] == a.ratio) | (_spec(b_row).ratio is not None))]
+                if not len(b):
+                    continue
+                b = next(b.itertuples())
+                ours, se, paper, same, seeds = _difference(a, b)
+                out.append({"dataset": dataset, "ratio": a.ratio, "row_a": a_row, "row_b": b_row, "label_a": a.label,
+                            "label_b": b.label, "ours": ours, "ours_se": se, "paper": paper, "same_sign": same,
+                            "seeds": seeds})
+    return pd.DataFrame(out, columns=cols)
+
+
+def _delta(x: float, se: float) -> str:
+    return "–" if pd.isna(x) else f"{x:+.2f}" + ("" if pd.isna(se) else f" ± {se:.2f}")
+
+
+def _contrasts_markdown(contrasts: pd.DataFrame) -> str:
+    """One line per (data set, pair), one column group per label share: ours Δ ± SE, the paper's Δ, seeds."""
+    ratios = sorted(contrasts["ratio"].unique())
+    head, rule = "| data set | comparison (Dice of a minus b) |", "|---|---|"
+    for q in ratios:
+        head += f" {100 * q:.0f} %: ours | paper | seeds |"
+        rule += "---|---|---|"
+    lines = [head, rule]
+    for (dataset, a, b), grp in contrasts.groupby(["dataset", "label_a", "label_b"], sort=False):
+        g = grp.set_index("ratio")
+        line = f"| {dataset} | {a} − {b} |"
+        for q in ratios:
+            if q not in g.index:
+                line += " – | – | – |"
+                continue
+            r = g.loc[q]
+            line += f" {_delta(r['ours'], r['ours_se'])} | {_delta(r['paper'], float('nan'))} | {r['seeds']} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -470,7 +538,9 @@ def write_outputs(tables: dict[str, Any], profile: str, cx: dict[str, float] | N
     """CSV + Markdown of both tables to ``results/04_table{1,2}[_<profile>]``, the bar chart to ``figures/``.
 
     Table 2's component effects (:func:`component_effects`) go to
-    ``results/04_table2_effects[_<profile>]`` when ``tables`` has them.
+    ``results/04_table2_effects[_<profile>]`` and Table 1's contrasts
+    (:func:`row_contrasts`) to ``results/04_table1_contrasts[_<profile>]``
+    when ``tables`` has them.
     The Markdown of Table 1 ends with the complexity line (:func:`complexity`)
     when ``cx`` is given. Returns the written paths.
     """
@@ -489,11 +559,12 @@ def write_outputs(tables: dict[str, Any], profile: str, cx: dict[str, float] | N
                    f"{cx['gflops']:.2f} GFLOPs (paper: {cx['paper_params_m']} M, {cx['paper_g']} G).\n")
         atomic_write_text(out / f"{stem}.md", md)
         paths[f"{name}_csv"], paths[f"{name}_md"] = out / f"{stem}.csv", out / f"{stem}.md"
-    if "effects" in tables:
-        stem = tagged("04_table2_effects", profile)
-        tables["effects"].to_csv(out / f"{stem}.csv", index=False, float_format="%.4f")
-        atomic_write_text(out / f"{stem}.md", tables.get("effects_md", ""))
-        paths["effects_csv"], paths["effects_md"] = out / f"{stem}.csv", out / f"{stem}.md"
+    for key, name in (("effects", "04_table2_effects"), ("contrasts", "04_table1_contrasts")):
+        if key in tables:
+            stem = tagged(name, profile)
+            tables[key].to_csv(out / f"{stem}.csv", index=False, float_format="%.4f")
+            atomic_write_text(out / f"{stem}.md", tables.get(f"{key}_md", ""))
+            paths[f"{key}_csv"], paths[f"{key}_md"] = out / f"{stem}.csv", out / f"{stem}.md"
     import matplotlib.pyplot as plt
 
     fig = plot_tables(tables)
@@ -568,7 +639,8 @@ BEGIN, END = "<!-- tables:begin (generated by dusss.tables.write_readme_section)
 def write_readme_section(profile: str = "demo", readme: str | Path | None = None, *, extra: str = "") -> str:
     """Paste ``results/04_table{1,2}[_<profile>].md`` (and ``extra``) into the README after ``<!-- section:tables -->``.
 
-    ``results/04_table2_effects[_<profile>].md`` follows the tables when it exists.
+    ``results/04_table1_contrasts[_<profile>].md`` follows Table 1 and
+    ``results/04_table2_effects[_<profile>].md`` Table 2 when they exist.
     The generated block sits between :data:`BEGIN` and :data:`END`, inserted
     right after the marker line the first time and replaced on later calls;
     nothing else in the README changes. Returns the block.
@@ -579,18 +651,21 @@ def write_readme_section(profile: str = "demo", readme: str | Path | None = None
     if marker not in text:
         raise ValueError(f"{readme} has no line {marker!r}; add it under the heading '## Tables 1 and 2'")
     parts = []
+    extras = {"table1": ("04_table1_contrasts", "**Table 1 as differences.** Dice of one row minus another at the "
+                         "same label share (points; ± the standard error over seeds), ours and the paper's"),
+              "table2": ("04_table2_effects", "**Does each component help?** Dice of the Table-2 row with the "
+                         "component minus the row without it (points), ours and the paper's")}
     for name, title in (("table1", "Table 1 (comparison)"), ("table2", "Table 2 (ablation, 50 % labels)")):
         path = results_dir() / f"{tagged(f'04_{name}', profile)}.md"
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist; run notebooks/04_ablation.ipynb (profile {profile}) first")
         parts.append(f"**{title}**, test Dice / mIoU (%), from `{path.relative_to(path.parents[1])}`:\n\n"
                      f"{path.read_text().strip()}\n")
-    path = results_dir() / f"{tagged('04_table2_effects', profile)}.md"
-    effects = path.read_text().strip() if path.is_file() else ""
-    if effects:
-        parts.append(f"**Does each component help?** Dice of the Table-2 row with the component minus the row "
-                     f"without it (points), ours and the paper's, from `{path.relative_to(path.parents[1])}`:\n\n"
-                     f"{effects}\n")
+        stem, intro = extras[name]
+        path = results_dir() / f"{tagged(stem, profile)}.md"
+        diffs = path.read_text().strip() if path.is_file() else ""
+        if diffs:
+            parts.append(f"{intro}, from `{path.relative_to(path.parents[1])}`:\n\n{diffs}\n")
     block = BEGIN + "\n" + "\n".join(parts) + (f"\n{extra.strip()}\n" if extra else "") + END
     if BEGIN in text and END in text:
         start, stop = text.index(BEGIN), text.index(END) + len(END)

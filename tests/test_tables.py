@@ -120,6 +120,40 @@ def test_component_effects_pair_rows_that_differ_in_one_switch_and_compare_signs
     assert "Does each component help?" in T.write_readme_section("demo", readme)
 
 
+def test_row_contrasts_subtract_rows_at_the_same_label_share_and_match_the_full_label_unet_to_both(tmp_outputs):
+    for seed, (mt, du) in {1: (0.70, 0.66), 2: (0.74, 0.70)}.items():
+        _fake_run("demo", "qata-synth", "mt", 0.5, seed, mt, mt - 0.1)
+        _fake_run("demo", "qata-synth", "dusss", 0.5, seed, du, du - 0.1)
+    _fake_run("demo", "qata-synth", "mt", 0.25, 1, 0.65, 0.55)
+    _fake_run("demo", "qata-synth", "unet100", 1.0, 1, 0.80, 0.70)
+    t = T.render_tables(T.load_runs("demo"), table2_rows=[])
+    c = t["contrasts"].set_index(["row_a", "row_b", "ratio"])
+    assert set(c.index.get_level_values("ratio")) == {0.25, 0.5}
+    half = c.loc[("dusss", "mt", 0.5)]
+    assert half["ours"] == pytest.approx(-4.0) and half["paper"] == pytest.approx(82.52 - 79.64)
+    assert half["ours_se"] == pytest.approx(np.hypot(100 * np.std([0.70, 0.74], ddof=1),
+                                                     100 * np.std([0.66, 0.70], ddof=1)) / np.sqrt(2))
+    assert half["same_sign"] is False and half["seeds"] == 2
+    quarter = c.loc[("dusss", "mt", 0.25)]  # DuSSS at 25 % was not run
+    assert np.isnan(quarter["ours"]) and quarter["seeds"] == 0 and quarter["paper"] == pytest.approx(79.00 - 77.88)
+    assert ("mt", "unet100") not in c.droplevel("ratio").index  # not one of the default pairs
+    both = T.row_contrasts(t["table1"], [("mt", "unet100")]).set_index("ratio")
+    assert both.loc[0.25, "ours"] == pytest.approx(-15.0) and both.loc[0.5, "ours"] == pytest.approx(-8.0)
+    assert both.loc[0.5, "paper"] == pytest.approx(79.64 - 79.02)
+    assert np.isnan(c.loc[("dusss", "clip", 0.5)]["paper"])  # the paper has no CLIP-guided SSMIS row
+    md = t["contrasts_md"]
+    assert "| qata-synth | DuSSS (SSS + DCL + L_tg) − Mean Teacher | – | +1.12 | 0 |" in md
+    assert f"| {half['ours']:+.2f} ± {half['ours_se']:.2f} | +2.88 | 2 |" in md
+    with pytest.raises(ValueError, match="unknown table row 'nope'"):
+        T.row_contrasts(t["table1"], [("dusss", "nope")])
+    paths = T.write_outputs(t, "demo")
+    assert paths["contrasts_md"].read_text() == md
+    readme = tmp_outputs / "README.md"
+    readme.write_text("## Tables 1 and 2\n<!-- section:tables -->\n")
+    block = T.write_readme_section("demo", readme)
+    assert block.index("Table 1 (comparison)") < block.index("Table 1 as differences") < block.index("Table 2 (")
+
+
 def test_paper_tables_typed_as_printed():
     p1, p2 = paper_table1(), paper_table2()
     assert len(p1) == 25 and len(p2) == 7
