@@ -41,7 +41,7 @@ from .utils import atomic_write_json, atomic_write_text, get_logger, repo_root
 __all__ = ["RowSpec", "ROWS", "TABLE1_ROWS", "TABLE2_ROWS", "PAPER_NAMES", "run_name", "run_file", "run_one",
            "run_grid", "load_runs", "summarise", "render_tables", "complexity", "write_outputs", "plot_tables",
            "grid_cost", "measured_seconds", "write_readme_section", "PRETRAIN_RATIO", "COMPONENTS", "PAPER_ONLY",
-           "component_effects", "row_contrasts", "CONTRASTS"]
+           "component_effects", "row_contrasts", "CONTRASTS", "coverage"]
 
 log = get_logger(__name__)
 
@@ -241,6 +241,8 @@ def summarise(runs: pd.DataFrame, rows: Iterable[str], ratios: Iterable[float], 
               datasets: Iterable[str] | None = None) -> pd.DataFrame:
     """Mean ± std (sample std, ddof=1; 0 for one seed) of Dice and mIoU in per cent over seeds, per row, ratio, data set.
 
+    ``seeds`` lists the seeds that have a run (space-separated, "" for none).
+
     ``runs`` is :func:`load_runs`; runs are matched to rows by
     :func:`run_name` without the seed. Every (row, ratio, data set) appears,
     with ``n_seeds = 0`` and NaN where no run exists, and the paper's numbers
@@ -281,6 +283,7 @@ def summarise(runs: pd.DataFrame, rows: Iterable[str], ratios: Iterable[float], 
                 out.append({
                     "table": table, "row": row, "label": spec.label, "ratio": ratio, "dataset": dataset,
                     "paper_dataset": PAPER_NAMES.get(dataset, ""), "n_seeds": n,
+                    "seeds": " ".join(str(int(x)) for x in sorted(sel["seed"])),
                     "dice_mean": 100 * sel["test_dice"].mean() if n else float("nan"),
                     "dice_std": 100 * sel["test_dice"].std(ddof=1) if n > 1 else (0.0 if n else float("nan")),
                     "miou_mean": 100 * sel["test_miou"].mean() if n else float("nan"),
@@ -289,7 +292,7 @@ def summarise(runs: pd.DataFrame, rows: Iterable[str], ratios: Iterable[float], 
                     "paper_miou": float(paper[f"{key}_miou"]) if paper is not None else float("nan"),
                     **only,
                 })
-    cols = ["table", "row", "label", "ratio", "dataset", "paper_dataset", "n_seeds", "dice_mean", "dice_std",
+    cols = ["table", "row", "label", "ratio", "dataset", "paper_dataset", "n_seeds", "seeds", "dice_mean", "dice_std",
             "miou_mean", "miou_std", "paper_dice", "paper_miou"]
     cols += [f"paper_{_PAPER_KEY[name]}_{metric}" for name in PAPER_ONLY for metric in ("dice", "miou")]
     return pd.DataFrame(out, columns=cols)  # the columns even with no rows (e.g. table1_rows=[])
@@ -351,7 +354,8 @@ def _markdown(summary: pd.DataFrame, *, ranks: bool) -> str:
 
 def render_tables(runs: pd.DataFrame, *, table1_rows: Iterable[str] = TABLE1_ROWS,
                   table1_ratios: Iterable[float] = (0.25, 0.5), table2_rows: Iterable[str] = TABLE2_ROWS,
-                  table2_ratio: float = 0.5, datasets: Iterable[str] | None = None) -> dict[str, Any]:
+                  table2_ratio: float = 0.5, datasets: Iterable[str] | None = None,
+                  seeds: Iterable[int] | None = None) -> dict[str, Any]:
     """Both tables from :func:`load_runs`: ``{"table1", "table2"}`` summaries and ``{"table1_md", "table2_md"}``.
 
     Table 2's Markdown adds, per data set, each row's Dice rank among the
@@ -361,15 +365,19 @@ def render_tables(runs: pd.DataFrame, *, table1_rows: Iterable[str] = TABLE1_ROW
     ``"contrasts_md"`` (:func:`row_contrasts`) give Table 1's comparisons
     (DuSSS minus each other row, ...) as differences. ``datasets``
     None = the data sets that have runs (else every one listed, empty cells "–").
+    With ``seeds``, ``"coverage_md"`` (:func:`coverage`) says which cells lack one of them.
     """
     datasets = list(datasets) if datasets is not None else None
     t1 = summarise(runs, table1_rows, table1_ratios, "table1", datasets)
     t2 = summarise(runs, table2_rows, [table2_ratio], "table2", datasets)
     effects, contrasts = component_effects(t2), row_contrasts(t1)
-    return {"table1": t1, "table2": t2, "table1_md": _markdown(t1, ranks=False) if len(t1) else "",
-            "table2_md": _markdown(t2, ranks=True) if len(t2) else "", "effects": effects,
-            "effects_md": _effects_markdown(effects) if len(effects) else "", "contrasts": contrasts,
-            "contrasts_md": _contrasts_markdown(contrasts) if len(contrasts) else ""}
+    out = {"table1": t1, "table2": t2, "table1_md": _markdown(t1, ranks=False) if len(t1) else "",
+           "table2_md": _markdown(t2, ranks=True) if len(t2) else "", "effects": effects,
+           "effects_md": _effects_markdown(effects) if len(effects) else "", "contrasts": contrasts,
+           "contrasts_md": _contrasts_markdown(contrasts) if len(contrasts) else ""}
+    if seeds is not None:
+        out["coverage_md"] = coverage(out, seeds)
+    return out
 
 
 COMPONENTS = ("SSS", "DCL", "L_tg")  # the positions of RowSpec.paper2
@@ -489,6 +497,32 @@ def _contrasts_markdown(contrasts: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def coverage(tables: Mapping[str, pd.DataFrame], seeds: Iterable[int]) -> str:
+    """One Markdown paragraph: how many runs the tables hold and which cells lack some of ``seeds``.
+
+    ``tables`` is :func:`render_tables`'s result. A cell is a (table, row,
+    label share, data set); cells shared by both tables (Mean Teacher and
+    DuSSS at 50 %) are counted once. Lists every cell with a seed missing,
+    by data set, with the seeds it has.
+    """
+    seeds = [int(s) for s in seeds]
+    cells = pd.concat([tables["table1"], tables["table2"]], ignore_index=True)
+    cells = cells.drop_duplicates(subset=["row", "ratio", "dataset"])
+    n_runs = int(cells["n_seeds"].sum())
+    want = " ".join(map(str, seeds))
+    short = cells[cells["seeds"].apply(lambda s: not set(seeds) <= {int(x) for x in s.split()})]
+    text = (f"**Coverage**: {n_runs} runs fill {len(cells)} cells (row, label share, data set) of the two tables; "
+            f"the seeds asked for are {want}. ")
+    if short.empty:
+        return text + "Every cell has a run at every one of these seeds.\n"
+    parts = []
+    for dataset, grp in short.groupby("dataset", sort=False):
+        items = [f"{r.label}{'' if _spec(r.row).ratio is not None else f' {100 * r.ratio:.0f} %'} ({r.seeds or 'none'})"
+                 for r in grp.itertuples()]
+        parts.append(f"`{dataset}`: " + "; ".join(items))
+    return text + f"{len(short)} cells lack a seed (the seeds they have in brackets): " + ". ".join(parts) + ".\n"
+
+
 def complexity(cfg: Config | None = None, image_size: int = 224) -> dict[str, float]:
     """Parameters (M) and multiply-accumulates / FLOPs (G) of the segmentation U-Net on one ``image_size`` image.
 
@@ -540,7 +574,8 @@ def write_outputs(tables: dict[str, Any], profile: str, cx: dict[str, float] | N
     Table 2's component effects (:func:`component_effects`) go to
     ``results/04_table2_effects[_<profile>]`` and Table 1's contrasts
     (:func:`row_contrasts`) to ``results/04_table1_contrasts[_<profile>]``
-    when ``tables`` has them.
+    when ``tables`` has them, and the coverage paragraph (:func:`coverage`)
+    to ``results/04_coverage[_<profile>].md``.
     The Markdown of Table 1 ends with the complexity line (:func:`complexity`)
     when ``cx`` is given. Returns the written paths.
     """
@@ -565,6 +600,9 @@ def write_outputs(tables: dict[str, Any], profile: str, cx: dict[str, float] | N
             tables[key].to_csv(out / f"{stem}.csv", index=False, float_format="%.4f")
             atomic_write_text(out / f"{stem}.md", tables.get(f"{key}_md", ""))
             paths[f"{key}_csv"], paths[f"{key}_md"] = out / f"{stem}.csv", out / f"{stem}.md"
+    if "coverage_md" in tables:
+        paths["coverage_md"] = out / f"{tagged('04_coverage', profile)}.md"
+        atomic_write_text(paths["coverage_md"], tables["coverage_md"])
     import matplotlib.pyplot as plt
 
     fig = plot_tables(tables)
@@ -640,7 +678,8 @@ def write_readme_section(profile: str = "demo", readme: str | Path | None = None
     """Paste ``results/04_table{1,2}[_<profile>].md`` (and ``extra``) into the README after ``<!-- section:tables -->``.
 
     ``results/04_table1_contrasts[_<profile>].md`` follows Table 1 and
-    ``results/04_table2_effects[_<profile>].md`` Table 2 when they exist.
+    ``results/04_table2_effects[_<profile>].md`` Table 2 when they exist;
+    ``results/04_coverage[_<profile>].md`` opens the block when it exists.
     The generated block sits between :data:`BEGIN` and :data:`END`, inserted
     right after the marker line the first time and replaced on later calls;
     nothing else in the README changes. Returns the block.
@@ -650,7 +689,8 @@ def write_readme_section(profile: str = "demo", readme: str | Path | None = None
     marker = "<!-- section:tables -->"
     if marker not in text:
         raise ValueError(f"{readme} has no line {marker!r}; add it under the heading '## Tables 1 and 2'")
-    parts = []
+    path = results_dir() / f"{tagged('04_coverage', profile)}.md"
+    parts = [path.read_text().strip() + "\n"] if path.is_file() else []
     extras = {"table1": ("04_table1_contrasts", "**Table 1 as differences.** Dice of one row minus another at the "
                          "same label share (points; ± the standard error over seeds), ours and the paper's"),
               "table2": ("04_table2_effects", "**Does each component help?** Dice of the Table-2 row with the "
@@ -687,7 +727,8 @@ def run(args, cfg: Config) -> int:
     """
     overrides = {k: v for k, v in parse_overrides(args.overrides).items() if k not in ("dataset", "seed")}
     run_grid(cfg.profile, [cfg.dataset], [cfg.seed], overrides=overrides, run_missing=True)
-    tables = render_tables(load_runs(cfg.profile))
+    runs = load_runs(cfg.profile)
+    tables = render_tables(runs, seeds=sorted(set(runs["seed"])))  # coverage: cells lacking a seed some run has
     paths = write_outputs(tables, cfg.profile, complexity())
     print(tables["table1_md"])
     print(tables["table2_md"])

@@ -154,6 +154,31 @@ def test_row_contrasts_subtract_rows_at_the_same_label_share_and_match_the_full_
     assert block.index("Table 1 (comparison)") < block.index("Table 1 as differences") < block.index("Table 2 (")
 
 
+def test_coverage_names_every_cell_that_lacks_a_seed_and_opens_the_readme_block(tmp_outputs):
+    for seed in (1, 2):
+        _fake_run("demo", "qata-synth", "mt", 0.5, seed, 0.7, 0.6)
+        _fake_run("demo", "qata-synth", "dusss", 0.5, seed, 0.7, 0.6)
+    _fake_run("demo", "qata-synth", "unet100", 1.0, 2, 0.8, 0.7)
+    kw = dict(table1_rows=["unet100", "mt", "dusss"], table1_ratios=[0.5], table2_rows=["mt", "dusss"])
+    t = T.render_tables(T.load_runs("demo"), seeds=[1, 2], **kw)
+    assert t["table1"].set_index("row").loc["mt", "seeds"] == "1 2"
+    text = t["coverage_md"]
+    # MT and DuSSS at 50 % are one cell each although both tables show them: 3 cells, 5 runs
+    assert text.startswith("**Coverage**: 5 runs fill 3 cells") and "1 cells lack a seed" in text
+    assert "`qata-synth`: U-Net, 100 % labels (2)." in text and "Mean Teacher" not in text
+    _fake_run("demo", "qata-synth", "unet100", 1.0, 1, 0.8, 0.7)
+    full = T.render_tables(T.load_runs("demo"), seeds=[1, 2], **kw)
+    assert full["coverage_md"].endswith("Every cell has a run at every one of these seeds.\n")
+    three = T.coverage(full, [1, 2, 3])
+    assert "3 cells lack a seed" in three and "Mean Teacher 50 % (1 2)" in three
+    assert "coverage_md" not in T.render_tables(T.load_runs("demo"), **kw)
+    T.write_outputs(full, "demo")
+    readme = tmp_outputs / "README.md"
+    readme.write_text("## Tables 1 and 2\n<!-- section:tables -->\n")
+    block = T.write_readme_section("demo", readme)
+    assert block.splitlines()[1].startswith("**Coverage**: 6 runs")
+
+
 def test_paper_tables_typed_as_printed():
     p1, p2 = paper_table1(), paper_table2()
     assert len(p1) == 25 and len(p2) == 7
