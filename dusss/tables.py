@@ -614,13 +614,16 @@ def write_outputs(tables: dict[str, Any], profile: str, cx: dict[str, float] | N
 # kinds of work in a grid and how many of each one (data set, seed) needs
 def grid_cost(seconds: Mapping[str, float], *, datasets: int, seeds: int,
               table1_rows: Iterable[str] = TABLE1_ROWS, table1_ratios: Iterable[float] = (0.25, 0.5),
-              table2_rows: Iterable[str] = TABLE2_ROWS, table2_ratio: float = 0.5) -> pd.DataFrame:
+              table2_rows: Iterable[str] = TABLE2_ROWS, table2_ratio: float = 0.5,
+              parallel: int = 1) -> pd.DataFrame:
     """Cost of a grid from measured seconds per kind of run (``supervised``, ``mt``, ``bcp``, ``dusss``, ``pretrain``).
 
     Counts the distinct runs of :func:`run_grid` per kind for one data set and
     seed (one pre-training per distinct VLM switch combination), multiplies by
     ``seconds[kind]`` and by ``datasets * seeds``; returns one row per kind
-    with ``runs``, ``seconds_each``, ``hours`` and a ``total`` row.
+    with ``runs``, ``seconds_each``, ``hours`` (the sum of the runs' times) and
+    ``wall_hours`` (``hours / parallel``: the wall time with ``parallel`` runs at
+    a time, when ``seconds`` were measured at that load) and a ``total`` row.
     """
     names: dict[str, str] = {}
     vlms = set()
@@ -639,7 +642,8 @@ def grid_cost(seconds: Mapping[str, float], *, datasets: int, seeds: int,
     df = pd.DataFrame(rows)
     total = pd.DataFrame([{"kind": "total", "runs": int(df["runs"].sum()), "seconds_each": float("nan"),
                            "hours": df["hours"].sum(min_count=len(df))}])
-    return pd.concat([df, total], ignore_index=True)
+    df = pd.concat([df, total], ignore_index=True)
+    return df.assign(wall_hours=df["hours"] / max(int(parallel), 1))
 
 
 def measured_seconds(profile: str, runs: pd.DataFrame | None = None) -> dict[str, float]:
