@@ -41,7 +41,8 @@ from .utils import atomic_write_json, atomic_write_text, get_logger, repo_root
 __all__ = ["RowSpec", "ROWS", "TABLE1_ROWS", "TABLE2_ROWS", "PAPER_NAMES", "run_name", "run_file", "run_one",
            "run_grid", "load_runs", "summarise", "render_tables", "complexity", "write_outputs", "plot_tables",
            "grid_cost", "measured_seconds", "write_readme_section", "PRETRAIN_RATIO", "COMPONENTS", "PAPER_ONLY",
-           "component_effects", "row_contrasts", "CONTRASTS", "coverage"]
+           "component_effects", "row_contrasts", "CONTRASTS", "coverage",
+           "plot_differences"]
 
 log = get_logger(__name__)
 
@@ -568,6 +569,47 @@ def plot_tables(tables: dict[str, Any]):
     return fig
 
 
+def plot_differences(tables: Mapping[str, Any]):
+    """Forest plot of the differences: Table 1's contrasts and Table 2's component effects, ours ± 2 SE, paper as dots.
+
+    One panel per kind (``"contrasts"``, ``"effects"`` of :func:`render_tables`),
+    one line per (data set, pair, label share); a bar that does not cross 0 is
+    a difference beyond two standard errors. Lines without our delta are left
+    out; lines from one seed have no bar.
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    panels = []
+    c = tables.get("contrasts")
+    if c is not None and len(c):
+        c = c.dropna(subset=["ours"])
+        names = [f"{r.dataset} {100 * r.ratio:.0f}%: {r.label_a.split(' (')[0]} − {r.label_b.split(' (')[0]}"
+                 for r in c.itertuples()]
+        panels.append(("Table 1: row a − row b", c, names))
+    e = tables.get("effects")
+    if e is not None and len(e):
+        e = e.dropna(subset=["ours"])
+        names = [f"{r.dataset}: +{r.component} ({r.row_off.split(' (')[0]} → {r.row_on.split(' (')[0]})"
+                 for r in e.itertuples()]
+        panels.append(("Table 2: one component switched on", e, names))
+    height = max([len(p[1]) for p in panels] + [1])
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(7.5 * max(len(panels), 1), 0.24 * height + 1.4),
+                             squeeze=False)
+    for ax, (title, d, names) in zip(axes[0], panels):
+        y = np.arange(len(d))[::-1]
+        ax.errorbar(d["ours"], y, xerr=2 * d["ours_se"].fillna(0), fmt="o", color="tab:blue", ms=4, capsize=2,
+                    label="this project (± 2 SE)")
+        ax.scatter(d["paper"], y, color="tab:red", marker="D", s=16, zorder=3, label="paper")
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(y)
+        ax.set_yticklabels(names, fontsize=6)
+        ax.set(xlabel="Δ test Dice (points)", title=title)
+        ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
 def write_outputs(tables: dict[str, Any], profile: str, cx: dict[str, float] | None = None) -> dict[str, Path]:
     """CSV + Markdown of both tables to ``results/04_table{1,2}[_<profile>]``, the bar chart to ``figures/``.
 
@@ -575,7 +617,8 @@ def write_outputs(tables: dict[str, Any], profile: str, cx: dict[str, float] | N
     ``results/04_table2_effects[_<profile>]`` and Table 1's contrasts
     (:func:`row_contrasts`) to ``results/04_table1_contrasts[_<profile>]``
     when ``tables`` has them, and the coverage paragraph (:func:`coverage`)
-    to ``results/04_coverage[_<profile>].md``.
+    to ``results/04_coverage[_<profile>].md``; their forest plot
+    (:func:`plot_differences`) goes to ``figures/04_differences[_<profile>].png``.
     The Markdown of Table 1 ends with the complexity line (:func:`complexity`)
     when ``cx`` is given. Returns the written paths.
     """
@@ -608,6 +651,10 @@ def write_outputs(tables: dict[str, Any], profile: str, cx: dict[str, float] | N
     fig = plot_tables(tables)
     paths["figure"] = save_figure(fig, tagged("04_tables", profile))
     plt.close(fig)
+    if len(tables.get("contrasts", ())) or len(tables.get("effects", ())):
+        fig = plot_differences(tables)
+        paths["differences_figure"] = save_figure(fig, tagged("04_differences", profile))
+        plt.close(fig)
     return paths
 
 

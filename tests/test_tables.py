@@ -148,6 +148,10 @@ def test_row_contrasts_subtract_rows_at_the_same_label_share_and_match_the_full_
         T.row_contrasts(t["table1"], [("dusss", "nope")])
     paths = T.write_outputs(t, "demo")
     assert paths["contrasts_md"].read_text() == md
+    assert paths["differences_figure"].is_file()  # the forest plot; Table 2 is empty here: one panel
+    fig = T.plot_differences(t)
+    (ax,) = fig.axes
+    assert len(ax.get_yticklabels()) == int(t["contrasts"]["ours"].notna().sum())  # lines without ours left out
     readme = tmp_outputs / "README.md"
     readme.write_text("## Tables 1 and 2\n<!-- section:tables -->\n")
     block = T.write_readme_section("demo", readme)
