@@ -580,19 +580,19 @@ def plot_differences(tables: Mapping[str, Any]):
     import matplotlib.pyplot as plt
     import numpy as np
 
+    def short(label: str) -> str:
+        return label.split(" (")[0]
+
+    kinds = (("contrasts", "Table 1: row a − row b",
+              lambda r: f"{r.dataset} {100 * r.ratio:.0f}%: {short(r.label_a)} − {short(r.label_b)}"),
+             ("effects", "Table 2: one component switched on",
+              lambda r: f"{r.dataset}: +{r.component} ({short(r.row_off)} → {short(r.row_on)})"))
     panels = []
-    c = tables.get("contrasts")
-    if c is not None and len(c):
-        c = c.dropna(subset=["ours"])
-        names = [f"{r.dataset} {100 * r.ratio:.0f}%: {r.label_a.split(' (')[0]} − {r.label_b.split(' (')[0]}"
-                 for r in c.itertuples()]
-        panels.append(("Table 1: row a − row b", c, names))
-    e = tables.get("effects")
-    if e is not None and len(e):
-        e = e.dropna(subset=["ours"])
-        names = [f"{r.dataset}: +{r.component} ({r.row_off.split(' (')[0]} → {r.row_on.split(' (')[0]})"
-                 for r in e.itertuples()]
-        panels.append(("Table 2: one component switched on", e, names))
+    for key, title, name in kinds:
+        d = tables.get(key)
+        if d is not None and len(d):
+            d = d.dropna(subset=["ours"])
+            panels.append((title, d, [name(r) for r in d.itertuples()]))
     height = max([len(p[1]) for p in panels] + [1])
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(7.5 * max(len(panels), 1), 0.24 * height + 1.4),
                              squeeze=False)
