@@ -242,11 +242,10 @@ def summarise(runs: pd.DataFrame, rows: Iterable[str], ratios: Iterable[float], 
               datasets: Iterable[str] | None = None) -> pd.DataFrame:
     """Mean ± std (sample std, ddof=1; 0 for one seed) of Dice and mIoU in per cent over seeds, per row, ratio, data set.
 
-    ``seeds`` lists the seeds that have a run (space-separated, "" for none).
-
     ``runs`` is :func:`load_runs`; runs are matched to rows by
     :func:`run_name` without the seed. Every (row, ratio, data set) appears,
-    with ``n_seeds = 0`` and NaN where no run exists, and the paper's numbers
+    with ``n_seeds = 0`` and NaN where no run exists (``seeds`` lists the
+    seeds that have a run, space-separated, "" for none), and the paper's numbers
     (``paper_dice``, ``paper_miou``) where the paper has that row, plus those of
     the paper's data sets that have no stand-in here (:data:`PAPER_ONLY`:
     ``paper_bmseg_dice``, ``paper_bmseg_miou``). ``datasets`` None = the data
@@ -450,8 +449,8 @@ def row_contrasts(table1: pd.DataFrame, pairs: Iterable[tuple[str, str]] = CONTR
     """Table 1's comparisons as differences: Dice of row ``a`` minus row ``b`` per data set and label share.
 
     ``table1`` is :func:`render_tables`'s ``"table1"`` summary. For each pair
-    and each ratio of row ``a`` (a row with a fixed ratio, the 100 % U-Net, is
-    matched to every ratio), ``ours`` ± ``ours_se`` and ``paper`` are as in
+    and each ratio of row ``a`` (a row ``b`` with a fixed ratio, the 100 %
+    U-Net, is matched to every ratio of ``a``), ``ours`` ± ``ours_se`` and ``paper`` are as in
     :func:`component_effects` (:func:`_difference`); ``paper`` is NaN where the
     paper has no such row (the labelled-only U-Net, the CLIP-style VLM). Pairs
     with a row missing from ``table1`` are skipped.
@@ -501,9 +500,9 @@ def _contrasts_markdown(contrasts: pd.DataFrame) -> str:
 def coverage(tables: Mapping[str, pd.DataFrame], seeds: Iterable[int]) -> str:
     """One Markdown paragraph: how many runs the tables hold and which cells lack some of ``seeds``.
 
-    ``tables`` is :func:`render_tables`'s result. A cell is a (table, row,
-    label share, data set); cells shared by both tables (Mean Teacher and
-    DuSSS at 50 %) are counted once. Lists every cell with a seed missing,
+    ``tables`` is :func:`render_tables`'s result. A cell is a (row, label
+    share, data set); cells shown in both tables (Mean Teacher and DuSSS at
+    50 %) are counted once. Lists every cell with a seed missing,
     by data set, with the seeds it has.
     """
     seeds = [int(s) for s in seeds]
@@ -643,9 +642,12 @@ def write_outputs(tables: dict[str, Any], profile: str, cx: dict[str, float] | N
             tables[key].to_csv(out / f"{stem}.csv", index=False, float_format="%.4f")
             atomic_write_text(out / f"{stem}.md", tables.get(f"{key}_md", ""))
             paths[f"{key}_csv"], paths[f"{key}_md"] = out / f"{stem}.csv", out / f"{stem}.md"
+    cov = out / f"{tagged('04_coverage', profile)}.md"
     if "coverage_md" in tables:
-        paths["coverage_md"] = out / f"{tagged('04_coverage', profile)}.md"
-        atomic_write_text(paths["coverage_md"], tables["coverage_md"])
+        atomic_write_text(cov, tables["coverage_md"])
+        paths["coverage_md"] = cov
+    else:
+        cov.unlink(missing_ok=True)  # an older grid's coverage must not reach the README with these tables
     import matplotlib.pyplot as plt
 
     fig = plot_tables(tables)

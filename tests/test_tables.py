@@ -175,7 +175,11 @@ def test_coverage_names_every_cell_that_lacks_a_seed_and_opens_the_readme_block(
     assert full["coverage_md"].endswith("Every cell has a run at every one of these seeds.\n")
     three = T.coverage(full, [1, 2, 3])
     assert "3 cells lack a seed" in three and "Mean Teacher 50 % (1 2)" in three
-    assert "coverage_md" not in T.render_tables(T.load_runs("demo"), **kw)
+    without = T.render_tables(T.load_runs("demo"), **kw)
+    assert "coverage_md" not in without
+    T.write_outputs(t, "demo")
+    T.write_outputs(without, "demo")  # no coverage asked for: the older paragraph is removed, not left stale
+    assert not (tmp_outputs / "results" / "04_coverage.md").exists()
     T.write_outputs(full, "demo")
     readme = tmp_outputs / "README.md"
     readme.write_text("## Tables 1 and 2\n<!-- section:tables -->\n")
