@@ -2,6 +2,9 @@
 
 A thin library behind the notebooks: ``config`` (one dataclass, named profiles),
 ``sss`` (Eqs. 1-5), ``losses`` (Eqs. 6-17), ``data`` (readers, generators,
-splits), ``vlm`` (Step 1), ``unet``/``ssmis`` (Step 2), ``metrics``, ``plotting``.
+splits), ``vlm`` (Step 1), ``unet``/``ssmis`` (Step 2, the loop) and ``methods``
+(Step 2, one module per method behind one registry), ``metrics``, ``plotting``.
 """
+from . import methods  # noqa: F401  (fills the method registry the config checks ``method`` against)
+
 __version__ = "0.1.0"

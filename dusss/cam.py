@@ -39,8 +39,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import METHODS, Config
-from .paths import default_vlm_checkpoint, runs_dir, ssmis_dir
+from .config import Config
+from .methods import METHODS
+from .paths import default_vlm_checkpoint, pretrain_ratio, runs_dir, ssmis_dir
 from .utils import get_logger
 
 __all__ = [
@@ -354,17 +355,16 @@ def comparison_configs(cfg: Config) -> dict[str, Config]:
 def ensure_vlms(cfg: Config, *, progress: bool = True) -> dict[str, Path]:
     """Pre-train (or read) the VLMs of :func:`comparison_configs`' guided runs; ``{"CLIP": vlm.pt, "DuSSS": vlm.pt}``.
 
-    Both are pre-trained at ``min(ratio, dusss.tables.PRETRAIN_RATIO)`` labels,
+    Both are pre-trained at ``dusss.paths.pretrain_ratio(ratio)`` labels,
     as the Tables grid does, so their mask supervision never saw an image that
     is unlabelled in Step 2; a finished run is read, not retrained.
     """
     from .pretrain import pretrain
-    from .tables import PRETRAIN_RATIO
 
     runs = comparison_configs(cfg)
     paths: dict[str, Path] = {}
     for label in ("DuSSS", "CLIP"):  # the order notebook 05's tables and Fig. 5 show them in
-        c = runs[label].replace(ratio=min(cfg.ratio, PRETRAIN_RATIO), out_dir="")
+        c = runs[label].replace(ratio=pretrain_ratio(cfg.ratio), out_dir="")
         pretrain(c, progress=progress)
         paths[label] = default_vlm_checkpoint(c)
     return paths

@@ -3,7 +3,13 @@
 Each subcommand's options are declared here (so ``--help`` is instant and
 complete); its work lives in the module named in :data:`COMMANDS`, imported only
 when the command runs. Every command takes ``--profile`` and repeatable
-``--set key=value`` overrides, resolved by :func:`dusss.config.make_config`.
+``--set key=value`` overrides, resolved by :func:`dusss.config.make_config`;
+``--data-root`` is then read for what it holds
+(:func:`dusss.data.prepare.resolve_dataset`: a folder in the LViT layout is own
+data whatever embedded set ``dataset`` names). An error the user caused (any
+:class:`dusss.errors.DusssError`: config, data, checkpoint) ends the command
+with one line on stderr and exit status 2; any other exception is a bug and
+keeps its traceback.
 """
 from __future__ import annotations
 
@@ -11,7 +17,10 @@ import argparse
 import importlib
 import sys
 
-from .config import ConfigError, PROFILES, make_config, parse_overrides
+from .config import PROFILES, make_config, parse_overrides
+from .errors import DusssError
+from .experiments.grid import GRIDS
+from .methods import METHODS
 
 # command -> (module with run(args, cfg) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -21,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("dusss.evaluate", "Dice and mIoU of a segmentation checkpoint on a split"),
     "tables": ("dusss.tables", "Tables 1 and 2: train the missing runs for one data set and seed, render the tables"),
     "bench": ("dusss.bench", "speed benchmark: text-guidance cost, GFLOP/s, throughput, loader"),
+    "study": ("dusss.experiments.study", "the Step-2 consistency-recipe study: MT recipes vs labelled-only, on validation"),
+    "grid": ("dusss.experiments.grid", "the testbed grid: every (row, share, seed, data set) run, parallel, resumable"),
 }
 
 
@@ -52,8 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--text-dir", default=None, help="prepare-qata: folder with LViT's *_text.xlsx workbooks")
         elif name == "ssmis":
             p.add_argument("--ratio", type=float, default=None, help="share of labelled images (config key ratio)")
-            p.add_argument("--method", default=None, help="dusss | mt | supervised | bcp | ucmt (config key method)")
+            p.add_argument("--method", default=None, help="Step-2 method (config key method): " + "; ".join(
+                f"{name} = {cls.summary}" for name, cls in METHODS.items()))
             p.add_argument("--vlm", default=None, help="Step-1 checkpoint vlm.pt (config key vlm_checkpoint)")
+        elif name == "grid":
+            p.add_argument("--grid", nargs="+", default=["sweep"], choices=list(GRIDS),
+                           help="which grids (dusss.experiments.grid.GRIDS); their runs are merged")
+            p.add_argument("--datasets", nargs="+", default=["qata-synth", "nuclei-real"], help="data sets")
+            p.add_argument("--seeds", default="666-670", help="seeds, e.g. 666-670 or 666,668")
+            p.add_argument("--workers", type=int, default=1, help="runs side by side (each gets cores // workers threads)")
+            p.add_argument("--list", action="store_true", help="only list the jobs and which are done")
+        elif name == "study":
+            p.add_argument("--datasets", nargs="+", default=["qata-synth", "nuclei-real"], help="data sets")
+            p.add_argument("--seeds", default="666-668", help="seeds, e.g. 666-668")
+            p.add_argument("--recipes", nargs="+", default=None, help="recipes (default: all of RECIPES)")
+            p.add_argument("--workers", type=int, default=1, help="runs side by side")
         elif name == "bench":
             p.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (median)")
             p.add_argument("--warmup", type=int, default=2, help="untimed rounds before them")
@@ -68,14 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    """Resolve ``--profile``/``--set`` and the dedicated flags into a Config."""
+    """Resolve ``--profile``/``--set`` and the dedicated flags into a Config, its dataset read from its data folder."""
+    from .data.prepare import resolve_dataset
+
     overrides = parse_overrides(args.overrides)
     for flag, key in (("data_root", "data_root"), ("out", "out_dir"), ("device", "device"), ("seed", "seed"),
                       ("ratio", "ratio"), ("method", "method"), ("vlm", "vlm_checkpoint")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides[key] = value
-    return make_config(args.profile, overrides)
+    return resolve_dataset(make_config(args.profile, overrides))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,16 +112,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, _ = COMMANDS[args.command]
     try:
-        cfg = config_from_args(args)
-    except ConfigError as exc:
-        parser.exit(2, f"python -m dusss {args.command}: error: {exc}\n")
-    try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name != module_name:
             raise
         parser.exit(2, f"python -m dusss {args.command}: this checkout has no {module_name} yet\n")
-    return int(module.run(args, cfg) or 0)
+    try:
+        return int(module.run(args, config_from_args(args)) or 0)
+    except DusssError as exc:  # the user's to fix: one line, no traceback (SystemExit(2), as argparse does)
+        message = " ".join(str(exc).split())
+        parser.exit(2, f"python -m dusss {args.command}: error: {message}\n")
 
 
 if __name__ == "__main__":  # pragma: no cover

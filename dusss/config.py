@@ -20,14 +20,26 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-AMP_MODES = ("auto", "bf16", "off")  # Config.amp: bf16 autocast on CUDA only / always / never
-METHODS = ("dusss", "mt", "supervised", "bcp", "ucmt")  # SSMIS methods sharing one training loop (bcp, ucmt: dusss.baselines)
+from .errors import DusssError
 
-__all__ = ["Config", "ConfigError", "PROFILES", "AMP_MODES", "make_config", "parse_overrides", "default_profile",
+AMP_MODES = ("auto", "bf16", "off")  # Config.amp: bf16 autocast on CUDA only / always / never
+LR_SCHEDULES = ("cosine", "constant")  # Config.lr_schedule (Step 2)
+_CHOICES: dict[str, Any] = {}  # key -> registry whose names are the valid values (dusss.methods fills "method")
+
+
+def register_choices(key: str, registry: Any) -> None:
+    """Validate config key ``key`` against the names in ``registry`` (a live mapping: later additions count).
+
+    :mod:`dusss.methods` registers its method registry here, so the config
+    checks ``method`` without importing the methods (which import the config).
+    """
+    _CHOICES[key] = registry
+
+__all__ = ["Config", "ConfigError", "PROFILES", "AMP_MODES", "LR_SCHEDULES", "register_choices", "make_config", "parse_overrides", "default_profile",
            "config_differences"]
 
 
-class ConfigError(ValueError):
+class ConfigError(DusssError):
     """A configuration key or value a user supplied is not valid."""
 
 
@@ -46,6 +58,7 @@ class Config:
     device: str = "auto"  # "auto" = cuda if available, else cpu; or "cpu", "cuda:0"
     num_threads: int = 0  # torch intra-op threads; 0 = torch's default
     amp: str = "auto"  # bfloat16 autocast of the training forward passes: "auto" = on CUDA only, "bf16", "off"
+    channels_last: bool = False  # Step 2: U-Net and batches in channels-last memory (no gain measured on 2 CPU cores)
     # ---- data ------------------------------------------------------------
     dataset: str = "qata-synth"  # qata-synth | nuclei-real | qata | monuseg | bmseg | lvit (own data)
     data_root: str = ""  # "" = $DUSSS_DATA/<dataset>, else data/<dataset>
@@ -90,25 +103,31 @@ class Config:
     w_ground_sup: float = 4.0  # weight of that mask supervision (BCE + soft Dice); 1.0 learned grounding too slowly
     vlm_warmup: float = 1.0  # linear learning-rate warm-up (epochs), then cosine decay
     # ---- step 2: semi-supervised segmentation ----------------------------
-    method: str = "dusss"  # dusss | mt | supervised
+    method: str = "dusss"  # a registered Step-2 method (dusss.methods.METHODS): dusss, mt, supervised, bcp, ucmt
     ratio: float = 0.25  # share of labelled training images, in (0, 1]
     vlm_checkpoint: str = ""  # "" = the checkpoint notebook 02 writes for this dataset
     unet_base: int = 8  # U-Net base channels (paper: 64)
-    epochs: int = 6  # SSMIS epochs (upper bound; early stopping may end sooner)
+    epochs: int = 20  # SSMIS epochs (upper bound; early stopping may end sooner); an epoch = steps_per_epoch steps
     labeled_bs: int = 8  # labelled images per step (paper: 16)
     unlabeled_bs: int = 8  # unlabelled images per step (paper: 16)
     lr: float = 1e-3  # Adam learning rate (paper: 3e-4 QaTa/BM-Seg, 1e-3 MoNuSeg; demo: 1e-3, chosen on val)
+    lr_schedule: str = "cosine"  # "cosine": decay to 0 over epochs * steps_per_epoch steps; "constant"
     ema_alpha: float = 0.99  # Eq. 12 alpha (upper bound of the ramp min(1-1/(t+1), alpha))
-    cons_weight: float = 1.0  # weight of L_semi after ramp-up
-    rampup_epochs: float = 2.0  # sigmoid ramp-up length of the L_semi weight (epochs)
-    patience: int = 3  # early stopping on validation Dice (paper: 20)
+    cons_loss: str = "mse"  # consistency form: "mse" on probabilities (MT, SSL4MIS) | "bce" to the soft target (Eqs. 15-16)
+    cons_weight: float = 0.1  # weight of L_semi after ramp-up (paper: not given; SSL4MIS: 0.1)
+    rampup_epochs: float = 20.0  # sigmoid ramp-up length of the L_semi weight (epochs; SSL4MIS: the whole run)
+    perturb: str = "noise"  # views of an unlabelled image: "noise" on the teacher's | "strong" student view | "none"
+    noise_std: float = 0.1  # perturbation noise sd, relative to each image's own sd (clipped at 2 sd)
+    min_epochs: int = 10  # no early stopping before this many epochs
+    patience: int = 5  # early stopping on validation Dice after min_epochs (paper: 20)
     threshold: float = 0.5  # probability threshold for masks and metrics
     augment: bool = True  # joint geometric augmentation of image and mask
     text_cache: bool = True  # Step 2: text-guided logits computed once per unlabelled image (False: VLM every step)
     diag_images: int = 64  # Step 2: unlabelled images whose pseudo labels are scored each epoch (0 = all)
     resume: bool = True  # Step 2: continue from last.pt in the output folder (False: start afresh)
     fg_prior: float = 0.05  # Step 2: initial foreground probability of the U-Net output (bias = logit); 0 = off
-    steps_per_epoch: int = 60  # Step 2: at least this many steps per epoch (0 = one pass over the longer stream)
+    steps_per_epoch: int = 50  # Step 2: steps between validations (0 = one pass over the longer stream)
+    guard_epochs: int = 3  # Step 2: flag a run whose teacher pseudo-label Dice fell this many epochs in a row
     bcp_box: float = 0.6667  # BCP (Bai et al. 2023): side of the copy-paste box as a share of the image side (2/3)
     bcp_u_weight: float = 0.5  # BCP: weight of pseudo-labelled pixels in the mixed loss (ground-truth pixels: 1)
     bcp_pretrain_frac: float = 0.25  # BCP: share of the epochs spent pre-training on labelled copy-paste (BCP: 10k of 40k iterations)
@@ -197,14 +216,14 @@ PROFILES: dict[str, dict[str, Any]] = {
         image_size=64, synth_train=48, synth_val=16, synth_test=16, synth_size=128,
         nuclei_patch=128, vit_width=64, vit_depth=1, vit_heads=2, embed_dim=32,
         text_max_len=32, vlm_epochs=2, vlm_batch_size=8, unet_base=4, epochs=2,
-        labeled_bs=4, unlabeled_bs=4, patience=2, rampup_epochs=1.0, steps_per_epoch=0,
+        labeled_bs=4, unlabeled_bs=4, patience=2, rampup_epochs=1.0, steps_per_epoch=0, min_epochs=0,
     ),
     "demo": dict(),
     "paper": dict(
         image_size=224, synth_train=5716, synth_val=1429, synth_test=2113, synth_size=512,
         vit_width=768, vit_depth=12, vit_heads=12, embed_dim=256, vlm_epochs=50,
         vlm_batch_size=32, unet_base=64, epochs=200, labeled_bs=16, unlabeled_bs=16,
-        lr=3e-4, patience=20, rampup_epochs=40.0, num_workers=4, steps_per_epoch=0,
+        lr=3e-4, patience=20, rampup_epochs=200.0, num_workers=4, steps_per_epoch=0, min_epochs=50,
     ),
 }
 
@@ -305,7 +324,16 @@ def _check_ranges(cfg: Config) -> None:
         ("tau_init", cfg.tau_init > 0, "must be > 0"),
         ("ema_alpha", 0.0 <= cfg.ema_alpha <= 1.0, "must be in [0, 1] (Eq. 12)"),
         ("image_size", cfg.image_size >= 16 and cfg.image_size % 16 == 0, "must be a multiple of 16, >= 16"),
-        ("method", cfg.method in METHODS, f"must be one of {METHODS}"),
+        ("method", "method" not in _CHOICES or cfg.method in _CHOICES["method"],
+         f"must be a registered Step-2 method: one of {', '.join(_CHOICES.get('method', ()))}"),
+        ("lr_schedule", cfg.lr_schedule in LR_SCHEDULES, f"must be one of {LR_SCHEDULES}"),
+        ("cons_loss", cfg.cons_loss in ("mse", "bce"), "must be 'mse' or 'bce'"),
+        ("perturb", cfg.perturb in ("noise", "strong", "none"), "must be 'noise', 'strong' or 'none'"),
+        ("noise_std", cfg.noise_std >= 0, "must be >= 0 (relative to each image's sd)"),
+        ("cons_weight", cfg.cons_weight >= 0, "must be >= 0"),
+        ("rampup_epochs", cfg.rampup_epochs >= 0, "must be >= 0 (0 = no ramp-up)"),
+        ("min_epochs", cfg.min_epochs >= 0, "must be >= 0"),
+        ("guard_epochs", cfg.guard_epochs >= 1, "must be >= 1"),
         ("amp", cfg.amp in AMP_MODES, f"must be one of {AMP_MODES}"),
         ("threshold", 0.0 < cfg.threshold < 1.0, "must be in (0, 1)"),
         ("diag_images", cfg.diag_images >= 0, "must be >= 0 (0 = every unlabelled image)"),

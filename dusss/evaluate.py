@@ -9,18 +9,24 @@ into ``--out``). Definitions, including the empty-mask case, are in
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
-from .config import Config
+from .config import Config, make_config
+from .data import LViTDataset
+from .errors import CheckpointError
 from .metrics import binarize, dice_of_masks, summarize_scores
-from .utils import atomic_write_json, get_logger, resolve_device
+from .unet import build_unet
+from .utils import atomic_write_json, get_logger, load_checkpoint, resolve_device
 
-__all__ = ["evaluate_model", "evaluate_checkpoint", "run"]
+__all__ = ["evaluate_model", "evaluate_checkpoint", "load_student", "run"]
 
 log = get_logger(__name__)
 
@@ -35,9 +41,6 @@ def evaluate_model(model: nn.Module, dataset: Dataset, *, device: torch.device |
     ``n``); the DataFrame has one row per image: ``name``, ``dice``, ``iou``,
     ``gt_pixels``, ``pred_pixels``.
     """
-    import pandas as pd
-    from tqdm.auto import tqdm
-
     model.eval()
     device = torch.device(device)
     rows: list[dict[str, Any]] = []
@@ -53,6 +56,25 @@ def evaluate_model(model: nn.Module, dataset: Dataset, *, device: torch.device |
     return summarize_scores(table["dice"], table["iou"]), table
 
 
+def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Config, dict]:
+    """Rebuild the student U-Net saved in ``best.pt`` / ``last.pt``: ``(model in eval mode, its Config, checkpoint)``."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    if not isinstance(ckpt, dict) or "student" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path} is not an ssmis checkpoint (no 'student'/'config'); use the best.pt or "
+                              "last.pt that `python -m dusss ssmis` writes")
+    cfg = _config_from_dict(ckpt["config"])
+    model = build_unet(cfg)
+    model.load_state_dict(ckpt["student"])
+    return model.to(device).eval(), cfg, ckpt
+
+
+def _config_from_dict(data: dict) -> Config:
+    data = dict(data)
+    profile = data.pop("profile", "demo")
+    known = {f.name for f in dataclasses.fields(Config)}
+    return make_config(profile, {k: v for k, v in data.items() if k in known})
+
+
 def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", data_root: str | Path | None = None,
                         device: str = "auto", out_dir: str | Path | None = None) -> dict[str, Any]:
     """Score the student of an ssmis checkpoint on ``split``; write and return ``eval_<split>.json``.
@@ -61,9 +83,6 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", data_roo
     data folder is ``data_root`` if given, else the one the run used. Results
     go beside the checkpoint unless ``out_dir`` is given.
     """
-    from .data import LViTDataset
-    from .ssmis import load_student
-
     checkpoint = Path(checkpoint)
     model, cfg, ckpt = load_student(checkpoint, resolve_device(device))
     root = Path(data_root) if data_root else cfg.resolved_data_root()

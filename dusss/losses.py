@@ -37,7 +37,7 @@ from .sss import uncertain_similarity
 __all__ = [
     "Embedding", "info_nce", "SSSInfoNCE", "DualContrastiveLoss", "LearnableTemperature",
     "TextGuidedLoss", "mask_pool", "SupervisedSegLoss", "merged_target", "TextGuidedSemiLoss",
-    "ema_update", "sigmoid_rampup", "MAX_LOGIT_SCALE", "gather_embedding",
+    "ema_update", "sigmoid_rampup", "consistency_loss", "CONSISTENCY_FORMS", "MAX_LOGIT_SCALE", "gather_embedding",
 ]
 
 MAX_LOGIT_SCALE = 100.0  # 1/τ <= 100, i.e. τ >= 0.01 (CLIP's clamp)
@@ -337,18 +337,45 @@ def merged_target(teacher_logits: Tensor, text_logits: Tensor) -> Tensor:
     return torch.sigmoid(teacher_logits + text_logits)
 
 
+CONSISTENCY_FORMS = ("bce", "mse")  # config key cons_loss
+
+
+def consistency_loss(student_logits: Tensor, target: Tensor, form: str = "bce") -> Tensor:
+    """Distance of the student's prediction to a soft target ``target`` (probabilities), averaged over pixels.
+
+    ``form="bce"``: the soft-target binary cross-entropy on the student's
+    logits (the CE of Eqs. 15-16; not zero at its minimum, which is the
+    target's entropy; its gradient is ``σ(z) − target``). ``form="mse"``: the
+    squared error ``(σ(z) − target)²`` of Mean Teacher / SSL4MIS, whose gradient
+    fades where the student is confident. ``target`` is detached.
+    """
+    _check_seg("target", target, student_logits)
+    target = target.detach().to(student_logits.dtype)
+    if form == "bce":
+        return F.binary_cross_entropy_with_logits(student_logits, target)
+    if form == "mse":
+        return F.mse_loss(torch.sigmoid(student_logits), target)
+    raise ValueError(f"consistency form {form!r} is not one of {CONSISTENCY_FORMS} (config key cons_loss)")
+
+
 class TextGuidedSemiLoss(nn.Module):
     """Eqs. 15-17: ``L_semi = (L_semi^merged + L_semi^text) / 2`` on unlabelled images.
 
     ``L_semi^merged = CE(student, σ(z_teacher + z_text))`` (Eq. 15) and
     ``L_semi^text = CE(student, σ(z_text))`` (Eq. 16), where CE is the
     soft-target binary cross-entropy on the student's logits, averaged over
-    pixels and images. Targets are detached: no gradient reaches the teacher or
-    the VLM. Without text logits it is the plain Mean-Teacher consistency
-    (method ``mt``): ``L_semi = L_semi^merged = CE(student, σ(z_teacher))``.
-    The soft-target CE is not zero at its minimum (it equals the targets'
-    entropy there); only its gradient, ``σ(z_student) − target``, matters.
+    pixels and images (``form="bce"``, the paper's; ``form="mse"`` puts the
+    squared error of :func:`consistency_loss` in its place). Targets are
+    detached: no gradient reaches the teacher or the VLM. Without text logits
+    it is the plain Mean-Teacher consistency (method ``mt``):
+    ``L_semi = L_semi^merged = CE(student, σ(z_teacher))``.
     """
+
+    def __init__(self, form: str = "bce") -> None:
+        super().__init__()
+        if form not in CONSISTENCY_FORMS:
+            raise ValueError(f"consistency form {form!r} is not one of {CONSISTENCY_FORMS} (config key cons_loss)")
+        self.form = form
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, text_logits: Tensor | None = None,
                 return_dict: bool = False):
@@ -356,14 +383,14 @@ class TextGuidedSemiLoss(nn.Module):
         _check_seg("teacher_logits", teacher_logits, student_logits)
         teacher_logits = teacher_logits.detach()
         if text_logits is None:
-            merged = F.binary_cross_entropy_with_logits(student_logits, torch.sigmoid(teacher_logits))
+            merged = consistency_loss(student_logits, torch.sigmoid(teacher_logits), self.form)
             text = student_logits.new_zeros(())
             semi = merged
         else:
             _check_seg("text_logits", text_logits, student_logits)
             text_logits = text_logits.detach()
-            merged = F.binary_cross_entropy_with_logits(student_logits, merged_target(teacher_logits, text_logits))
-            text = F.binary_cross_entropy_with_logits(student_logits, torch.sigmoid(text_logits))
+            merged = consistency_loss(student_logits, merged_target(teacher_logits, text_logits), self.form)
+            text = consistency_loss(student_logits, torch.sigmoid(text_logits), self.form)
             semi = 0.5 * (merged + text)
         if return_dict:
             return {"semi": semi, "merged": merged, "text": text}

@@ -36,7 +36,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .config import Config
+from .config import Config, ConfigError
+from .data.prepare import ensure_dataset, resolve_dataset
 from .losses import DualContrastiveLoss, SupervisedSegLoss, TextGuidedLoss, mask_pool
 from .metrics import dice_iou_per_image, dice_of_masks
 from .paths import pretrain_dir
@@ -351,8 +352,8 @@ def _check_resumable(saved: dict[str, Any], cfg: Config, folder: Path) -> None:
 
     diff = config_differences(saved, cfg, set(_step1_keys()) - _RESUMABLE_KEYS)
     if diff:
-        raise ValueError(f"{folder} holds a pre-training run with other settings ({', '.join(diff)} differ); "
-                         "choose another --out folder or delete that one to start afresh")
+        raise ConfigError(f"{folder} holds a pre-training run with other settings ({', '.join(diff)} differ); "
+                          "choose another --out folder, or delete that run folder (written by dusss) to start afresh")
 
 
 class _TrainStep(nn.Module):
@@ -380,10 +381,12 @@ def pretrain(cfg: Config, *, progress: bool = True) -> dict[str, float]:
     Under ``torchrun`` each rank trains on its shard of every epoch inside
     DistributedDataParallel, the contrastive losses gather the embeddings of
     all ranks, and only rank 0 logs and writes files (:mod:`dusss.distributed`).
+    A ``data_root`` holding the user's own data in the LViT layout is read as
+    ``dataset="lvit"`` (:func:`dusss.data.prepare.resolve_dataset`).
     """
     info = init_distributed(cfg.device)
     with quiet_non_main():
-        return _pretrain(cfg, info, progress=progress and info.is_main)
+        return _pretrain(resolve_dataset(cfg), info, progress=progress and info.is_main)
 
 
 def _pretrain(cfg: Config, info: DistInfo, *, progress: bool) -> dict[str, float]:
@@ -399,6 +402,7 @@ def _pretrain(cfg: Config, info: DistInfo, *, progress: bool) -> dict[str, float
         if saved.get("vlm_epochs") == cfg.vlm_epochs:
             log.info("pre-training in %s is complete; reading %s", out, metrics_path)
             return done
+    ensure_dataset(cfg)  # a data problem stops the run before it writes or prints anything
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     if cfg.num_threads:

@@ -10,10 +10,13 @@ row, the VLM's switches and the seconds spent) and reuses those files unless
 told to re-run, so a long grid can be filled over several sittings and the
 tables re-rendered at once from whatever exists. :func:`render_tables` turns
 those files into Table 1 and Table 2 (mean ± std over seeds, the paper's
-numbers beside them: :mod:`dusss.paper_tables`), :func:`write_outputs` writes
-CSV + Markdown to ``results/`` and a bar chart to ``figures/``, and
-:func:`write_readme_section` pastes the Markdown into the README between
-generated-block markers.
+numbers beside them: :mod:`dusss.paper_tables`) and compares rows as paired
+differences over seeds (mean and 95 % t-interval, :mod:`dusss.stats`: the
+same seed draws the same data and labelled subset for every row),
+:func:`write_outputs` writes CSV + Markdown to ``results/`` and the charts
+(bars, the differences' forest plot, Dice against label share) to
+``figures/``, and :func:`write_readme_section` pastes the Markdown into the
+README between generated-block markers.
 
 Rows (``ROWS``): Table 1 = U-Net at 100 % labels, U-Net on the labelled part
 only, Mean Teacher, BCP (:mod:`dusss.baselines`), a CLIP-style VLM (DuSSS's
@@ -34,19 +37,21 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-from .config import Config, make_config, parse_overrides
-from .paths import default_vlm_checkpoint, results_dir, tagged
+from .config import Config, ConfigError, make_config, parse_overrides
+from .methods import get_method
+from .paths import PRETRAIN_RATIO, default_vlm_checkpoint, pretrain_ratio, results_dir, tagged
+from .stats import paired_difference, t_interval
 from .utils import atomic_write_json, atomic_write_text, get_logger, repo_root
 
 __all__ = ["RowSpec", "ROWS", "TABLE1_ROWS", "TABLE2_ROWS", "PAPER_NAMES", "run_name", "run_file", "run_one",
            "run_grid", "load_runs", "summarise", "render_tables", "complexity", "write_outputs", "plot_tables",
-           "grid_cost", "measured_seconds", "write_readme_section", "PRETRAIN_RATIO", "COMPONENTS", "PAPER_ONLY",
-           "component_effects", "row_contrasts", "CONTRASTS", "coverage",
-           "plot_differences"]
+           "grid_cost", "measured_seconds", "write_readme_section", "PRETRAIN_RATIO", "pretrain_ratio", "needs_vlm",
+           "run_config", "COMPONENTS", "PAPER_ONLY",
+           "component_effects", "row_contrasts", "CONTRASTS", "HEADLINE_CONTRASTS", "coverage",
+           "plot_differences", "EFFICIENCY_ROWS", "label_efficiency", "plot_label_efficiency"]
 
 log = get_logger(__name__)
 
-PRETRAIN_RATIO = 0.25  # VLMs are pre-trained on the 25 % labelled split, which lies inside every larger split
 PAPER_NAMES = {"qata-synth": "QaTa-COV19", "qata": "QaTa-COV19", "nuclei-real": "MoNuSeg", "monuseg": "MoNuSeg",
                "bmseg": "BM-Seg"}  # our data set -> the paper's column it stands in for
 _PAPER_KEY = {"QaTa-COV19": "qata", "BM-Seg": "bmseg", "MoNuSeg": "monuseg"}
@@ -94,7 +99,7 @@ TABLE2_ROWS = ("mt", "sss", "dcl", "sss+tg", "dcl+tg", "sss+dcl", "dusss")
 
 def _spec(row: str) -> RowSpec:
     if row not in ROWS:
-        raise ValueError(f"unknown table row {row!r}; choose from {', '.join(ROWS)}")
+        raise ConfigError(f"unknown table row {row!r}; choose from {', '.join(ROWS)}")
     return ROWS[row]
 
 
@@ -107,7 +112,7 @@ def run_name(row: str, ratio: float, seed: int) -> str:
     spec = _spec(row)
     ratio = spec.ratio if spec.ratio is not None else ratio
     variant = ""
-    if spec.method == "dusss":
+    if spec.switches:
         s = spec.switches
         variant = f"-sss{int(s['use_sss'])}-cmc{int(s['use_cmc'])}-imc{int(s['use_imc'])}-tg{int(s['use_tg'])}"
     return f"{spec.method}{variant}-r{ratio:g}-s{seed}"
@@ -118,7 +123,13 @@ def run_file(profile: str, dataset: str, row: str, ratio: float, seed: int) -> P
     return results_dir() / "runs" / f"{dataset}-{profile}" / f"{run_name(row, ratio, seed)}.json"
 
 
-def _config(profile: str, dataset: str, row: str, ratio: float, seed: int, overrides: Mapping[str, Any]) -> Config:
+def needs_vlm(row: str) -> bool:
+    """Whether the row's method reads the Step-1 VLM's text-guided masks (so a VLM must be pre-trained first)."""
+    spec = _spec(row)
+    return spec.method is not None and get_method(spec.method).uses_text
+
+
+def run_config(profile: str, dataset: str, row: str, ratio: float, seed: int, overrides: Mapping[str, Any]) -> Config:
     """The run's config. Text-guided rows train in a folder named by their VLM switches
     (``dusss-sss1-cmc1-imc0-tg1-r0.5-s666``): :func:`dusss.paths.ssmis_dir` names a run by
     method, ratio and seed only, so rows that differ only in their VLM would otherwise share
@@ -129,7 +140,7 @@ def _config(profile: str, dataset: str, row: str, ratio: float, seed: int, overr
     ratio = spec.ratio if spec.ratio is not None else ratio
     cfg = make_config(profile, dict(overrides), dataset=dataset, method=spec.method, ratio=ratio, seed=seed,
                       **spec.switches)
-    if spec.method == "dusss" and not cfg.out_dir:
+    if spec.switches and not cfg.out_dir:
         cfg = cfg.replace(out_dir=str(ssmis_dir(cfg).parent / run_name(row, ratio, seed)))
     return cfg
 
@@ -156,12 +167,12 @@ def run_one(profile: str, dataset: str, row: str, ratio: float, seed: int, *,
     path = run_file(profile, dataset, row, ratio, seed)
     if path.is_file() and not rerun:
         return json.loads(path.read_text())
-    cfg = _config(profile, dataset, row, ratio, seed, overrides or {})
+    cfg = run_config(profile, dataset, row, ratio, seed, overrides or {})
     pre_s = 0.0
-    if spec.method == "dusss" and not default_vlm_checkpoint(cfg).is_file():
+    if needs_vlm(row) and not default_vlm_checkpoint(cfg).is_file():
         t0 = time.perf_counter()
         log.info("no VLM at %s: pre-training it (%s)", default_vlm_checkpoint(cfg), row)
-        pretrain(cfg.replace(ratio=min(PRETRAIN_RATIO, cfg.ratio), out_dir=""), progress=progress)
+        pretrain(cfg.replace(ratio=pretrain_ratio(cfg.ratio), out_dir=""), progress=progress)
         pre_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     metrics = train_ssmis(cfg.replace(resume=not rerun), progress=progress)
@@ -203,9 +214,9 @@ def run_grid(profile: str, datasets: Iterable[str], seeds: Iterable[int], *,
         from .paths import ssmis_dir
 
         for dataset, row, ratio, seed in jobs.values():
-            cfg = _config(profile, dataset, row, ratio, seed, overrides or {})
+            cfg = run_config(profile, dataset, row, ratio, seed, overrides or {})
             finished = (ssmis_dir(cfg) / "metrics.json").is_file()
-            has_vlm = _spec(row).method != "dusss" or default_vlm_checkpoint(cfg).is_file()
+            has_vlm = not needs_vlm(row) or default_vlm_checkpoint(cfg).is_file()
             if finished and has_vlm and not run_file(profile, dataset, row, ratio, seed).is_file():
                 try:
                     run_one(profile, dataset, row, ratio, seed, overrides=overrides)
@@ -238,6 +249,50 @@ def load_runs(profile: str, datasets: Iterable[str] | None = None) -> pd.DataFra
     return pd.DataFrame(rows, columns=cols)
 
 
+def _shares(runs: pd.DataFrame) -> list[float]:
+    """The label shares the runs were trained at, without the fixed shares of rows such as the 100 % U-Net.
+
+    Run names tie a fixed share to its row (``supervised-r1`` is the 100 %
+    U-Net, never the labelled-only U-Net at 100 %), so those shares are left
+    to their rows.
+    """
+    fixed = {spec.ratio for spec in ROWS.values() if spec.ratio is not None}
+    return sorted({float(q) for q in runs["ratio"]} - fixed)
+
+
+def _datasets(runs: pd.DataFrame, datasets: Iterable[str] | None) -> list[str]:
+    return list(datasets) if datasets is not None else list(dict.fromkeys(runs["dataset"]))
+
+
+def _row_runs(runs: pd.DataFrame, row: str, ratio: float, dataset: str) -> pd.DataFrame:
+    """The runs of ``row`` at ``ratio`` (its fixed share where it has one) on ``dataset``, by :func:`run_name`."""
+    stem = re.sub(r"-s0$", "", run_name(row, ratio, 0))
+    return runs[(runs["run"].str.replace(r"-s\d+$", "", regex=True) == stem) & (runs["dataset"] == dataset)]
+
+
+def _paper_line(row: str, ratio: float, table: str) -> pd.Series | None:
+    """The paper's line of ``row`` at ``ratio`` in ``table`` ("table1" or "table2"), None where the paper has none."""
+    from .paper_tables import paper_table1, paper_table2
+
+    spec = _spec(row)
+    hit = None
+    if table == "table1" and spec.paper1:
+        p1 = paper_table1()
+        hit = p1[(p1["method"] == spec.paper1) & (p1["labels"] == round(100 * ratio))]
+    if table == "table2" and spec.paper2:
+        p2 = paper_table2()
+        s, d, t = spec.paper2
+        hit = p2[(p2["sss"] == s) & (p2["dcl"] == d) & (p2["tg"] == t)]
+    return hit.iloc[0] if hit is not None and len(hit) else None
+
+
+def _paper_dice(row: str, ratio: float, dataset: str, table: str) -> float:
+    """The paper's Dice of ``row`` at ``ratio`` in the paper's column ``dataset`` stands in for (NaN where none)."""
+    key = _PAPER_KEY.get(PAPER_NAMES.get(dataset, ""))
+    line = _paper_line(row, ratio, table) if key else None
+    return float(line[f"{key}_dice"]) if line is not None else float("nan")
+
+
 def summarise(runs: pd.DataFrame, rows: Iterable[str], ratios: Iterable[float], table: str,
               datasets: Iterable[str] | None = None) -> pd.DataFrame:
     """Mean ± std (sample std, ddof=1; 0 for one seed) of Dice and mIoU in per cent over seeds, per row, ratio, data set.
@@ -251,28 +306,16 @@ def summarise(runs: pd.DataFrame, rows: Iterable[str], ratios: Iterable[float], 
     ``paper_bmseg_dice``, ``paper_bmseg_miou``). ``datasets`` None = the data
     sets that have runs.
     """
-    from .paper_tables import paper_table1, paper_table2
-
-    p1, p2 = paper_table1(), paper_table2()
-    if datasets is None:
-        datasets = list(dict.fromkeys(runs["dataset"])) if len(runs) else []
-    runs = runs.assign(stem=runs["run"].str.replace(r"-s\d+$", "", regex=True))
+    datasets = _datasets(runs, datasets)
     out = []
     for row in rows:
         spec = _spec(row)
         for ratio in ([spec.ratio] if spec.ratio is not None else list(ratios)):
-            stem = re.sub(r"-s0$", "", run_name(row, ratio, 0))
+            line = _paper_line(row, ratio, table)
             for dataset in datasets:
-                sel = runs[(runs["stem"] == stem) & (runs["dataset"] == dataset)]
+                sel = _row_runs(runs, row, ratio, dataset)
                 key = _PAPER_KEY.get(PAPER_NAMES.get(dataset, ""), None)
-                paper = None
-                if key and table == "table1" and spec.paper1:
-                    hit = p1[(p1["method"] == spec.paper1) & (p1["labels"] == round(100 * ratio))]
-                    paper = hit.iloc[0] if len(hit) else None
-                if key and table == "table2" and spec.paper2:
-                    s, d, t = spec.paper2
-                    hit = p2[(p2["sss"] == s) & (p2["dcl"] == d) & (p2["tg"] == t)]
-                    paper = hit.iloc[0] if len(hit) else None
+                paper = line if key else None  # a data set standing in for none of the paper's: no paper numbers
                 n = len(sel)
                 only = {}
                 for name in PAPER_ONLY:
@@ -353,7 +396,7 @@ def _markdown(summary: pd.DataFrame, *, ranks: bool) -> str:
 
 
 def render_tables(runs: pd.DataFrame, *, table1_rows: Iterable[str] = TABLE1_ROWS,
-                  table1_ratios: Iterable[float] = (0.25, 0.5), table2_rows: Iterable[str] = TABLE2_ROWS,
+                  table1_ratios: Iterable[float] | None = None, table2_rows: Iterable[str] = TABLE2_ROWS,
                   table2_ratio: float = 0.5, datasets: Iterable[str] | None = None,
                   seeds: Iterable[int] | None = None) -> dict[str, Any]:
     """Both tables from :func:`load_runs`: ``{"table1", "table2"}`` summaries and ``{"table1_md", "table2_md"}``.
@@ -363,125 +406,168 @@ def render_tables(runs: pd.DataFrame, *, table1_rows: Iterable[str] = TABLE1_ROW
     ``"effects_md"`` (:func:`component_effects`) say, pair by pair, whether
     each component helps here as it did there, and ``"contrasts"`` /
     ``"contrasts_md"`` (:func:`row_contrasts`) give Table 1's comparisons
-    (DuSSS minus each other row, ...) as differences. ``datasets``
-    None = the data sets that have runs (else every one listed, empty cells "–").
-    With ``seeds``, ``"coverage_md"`` (:func:`coverage`) says which cells lack one of them.
+    (the pairs of :data:`CONTRASTS` among ``table1_rows``) as paired
+    differences with 95 % t-intervals; ``"efficiency"``
+    (:func:`label_efficiency`) is Dice against label share for the rows of
+    :data:`EFFICIENCY_ROWS`. ``table1_ratios`` None = every label share the
+    runs have (:func:`_shares`). ``datasets`` None = the data sets that have
+    runs (else every one listed, empty cells "–"). With ``seeds``,
+    ``"coverage_md"`` (:func:`coverage`) says which cells lack one of them.
     """
     datasets = list(datasets) if datasets is not None else None
-    t1 = summarise(runs, table1_rows, table1_ratios, "table1", datasets)
+    ratios = _shares(runs) if table1_ratios is None else [float(q) for q in table1_ratios]
+    table1_rows, table2_rows = list(table1_rows), list(table2_rows)
+    t1 = summarise(runs, table1_rows, ratios, "table1", datasets)
     t2 = summarise(runs, table2_rows, [table2_ratio], "table2", datasets)
-    effects, contrasts = component_effects(t2), row_contrasts(t1)
+    effects = component_effects(runs, rows=table2_rows, ratio=table2_ratio, datasets=datasets)
+    pairs = [(a, b) for a, b in CONTRASTS if a in table1_rows and b in table1_rows]
+    contrasts = row_contrasts(runs, pairs, ratios=ratios, datasets=datasets)
     out = {"table1": t1, "table2": t2, "table1_md": _markdown(t1, ranks=False) if len(t1) else "",
            "table2_md": _markdown(t2, ranks=True) if len(t2) else "", "effects": effects,
            "effects_md": _effects_markdown(effects) if len(effects) else "", "contrasts": contrasts,
-           "contrasts_md": _contrasts_markdown(contrasts) if len(contrasts) else ""}
+           "contrasts_md": _contrasts_markdown(contrasts) if len(contrasts) else "",
+           "efficiency": label_efficiency(runs, datasets)}
     if seeds is not None:
         out["coverage_md"] = coverage(out, seeds)
     return out
 
 
 COMPONENTS = ("SSS", "DCL", "L_tg")  # the positions of RowSpec.paper2
+_DIFF_COLS = ["ours", "ci_low", "ci_high", "half_width", "n_pairs", "seeds", "paper", "same_sign", "verdict"]
 
 
-def _difference(on, off) -> tuple[float, float, float, bool | None, int]:
-    """Dice of summary line ``on`` minus ``off``: ours, its standard error, the paper's, same sign, fewer seeds.
+def _difference(runs: pd.DataFrame, dataset: str, a: str, b: str, ratio: float, table: str,
+                words: tuple[str, str]) -> dict[str, Any]:
+    """Dice of row ``a`` minus row ``b`` on ``dataset`` at label share ``ratio`` (a row's fixed share where it has one).
 
-    The standard error over seeds is ``sqrt(std_on**2 / n_on + std_off**2 / n_off)``
-    (NaN below two seeds a line); same sign is None while either delta is missing.
+    ``ours`` etc. are :func:`dusss.stats.paired_difference` of the two rows'
+    runs (points; ``seeds`` = the seeds used, space-separated), ``paper`` the
+    paper's difference in ``table`` (NaN where it lacks a row), ``same_sign``
+    None while either is missing. ``verdict``: ``words[0]`` when the whole
+    interval lies above 0, ``words[1]`` below, "no difference shown" when it
+    covers 0, "no interval (1 seed)" with one pair, "–" with none.
     """
-    ours = on.dice_mean - off.dice_mean
-    se = (float((on.dice_std ** 2 / on.n_seeds + off.dice_std ** 2 / off.n_seeds) ** 0.5)
-          if min(on.n_seeds, off.n_seeds) > 1 else float("nan"))
-    paper = on.paper_dice - off.paper_dice
+    qa = _spec(a).ratio if _spec(a).ratio is not None else ratio
+    qb = _spec(b).ratio if _spec(b).ratio is not None else ratio
+    d = paired_difference(_row_runs(runs, a, qa, dataset), _row_runs(runs, b, qb, dataset))
+    paper = _paper_dice(a, qa, dataset, table) - _paper_dice(b, qb, dataset, table)
+    ours = d["mean"]
     same = None if pd.isna(ours) or pd.isna(paper) else bool((ours > 0) == (paper > 0))
-    return float(ours), se, float(paper), same, int(min(on.n_seeds, off.n_seeds))
+    if d["n_pairs"] < 2:
+        verdict = "no interval (1 seed)" if d["n_pairs"] else "–"
+    else:
+        verdict = words[0] if d["ci_low"] > 0 else (words[1] if d["ci_high"] < 0 else "no difference shown")
+    return {"ours": ours, "ci_low": d["ci_low"], "ci_high": d["ci_high"], "half_width": d["half_width"],
+            "n_pairs": d["n_pairs"], "seeds": " ".join(map(str, d["seeds"])), "paper": paper, "same_sign": same,
+            "verdict": verdict}
 
 
-def component_effects(table2: pd.DataFrame) -> pd.DataFrame:
+def component_effects(runs: pd.DataFrame, *, rows: Iterable[str] = TABLE2_ROWS, ratio: float = 0.5,
+                      datasets: Iterable[str] | None = None) -> pd.DataFrame:
     """What switching one component on does to Dice, here and in the paper: one line per pair of Table-2 rows.
 
-    ``table2`` is :func:`render_tables`'s ``"table2"`` summary. A pair is two
-    rows whose ``paper2`` switches ``(sss, dcl, tg)`` differ in exactly one
-    component (e.g. DCL + L_tg -> DuSSS for SSS); the paper's seven rows give
-    three pairs per component (``row_off`` -> ``row_on``). ``ours`` / ``paper`` = Dice of the row with the
-    component minus the row without it (points; NaN where either of our runs
-    is missing), ``ours_se`` = its standard error over seeds,
-    ``sqrt(std_on**2 / n_on + std_off**2 / n_off)`` (NaN below two seeds a
-    row), ``same_sign`` = both deltas have the same sign (None while ours is
-    missing), ``seeds`` = the fewer seeds of the two rows. As in the
-    paper, the pairs from the baseline (Mean Teacher) also add the VLM's text
-    guidance to Step 2, not only the one component.
+    ``runs`` is :func:`load_runs`. A pair is two of ``rows`` whose ``paper2``
+    switches ``(sss, dcl, tg)`` differ in exactly one component (e.g. DCL +
+    L_tg -> DuSSS for SSS); the paper's seven rows give three pairs per
+    component (``row_off`` -> ``row_on``, their labels). ``ours`` = Dice of
+    the row with the component minus the row without it at label share
+    ``ratio``, paired by seed: mean, ``ci_low`` / ``ci_high`` / ``half_width``
+    of the 95 % t-interval, ``n_pairs`` and ``seeds`` (:func:`_difference`);
+    ``paper`` = the paper's difference, ``same_sign`` = both have the same
+    sign, ``verdict`` = "helps" / "hurts" when the interval excludes 0, "no
+    difference shown" when it covers 0. ``datasets`` None = the data sets
+    that have runs. As in the paper, the pairs from the baseline (Mean
+    Teacher) also add the VLM's text guidance to Step 2, not only the one
+    component.
     """
-    cols = ["dataset", "component", "row_off", "row_on", "ours", "ours_se", "paper", "same_sign", "seeds"]
+    cols = ["dataset", "component", "row_off", "row_on"] + _DIFF_COLS
+    by_switch = {_spec(r).paper2: r for r in rows if _spec(r).paper2 is not None}
     out = []
-    for dataset, grp in table2.groupby("dataset", sort=False):
-        by_switch = {_spec(r.row).paper2: r for r in grp.itertuples() if _spec(r.row).paper2 is not None}
+    for dataset in _datasets(runs, datasets):
         for k, name in enumerate(COMPONENTS):
-            for off, a in by_switch.items():
+            for off, row_off in by_switch.items():
                 if off[k]:
                     continue
-                b = by_switch.get(off[:k] + (1,) + off[k + 1:])
-                if b is None:
+                row_on = by_switch.get(off[:k] + (1,) + off[k + 1:])
+                if row_on is None:
                     continue
-                ours, se, paper, same, seeds = _difference(b, a)
-                out.append({"dataset": dataset, "component": name, "row_off": a.label, "row_on": b.label,
-                            "ours": ours, "ours_se": se, "paper": paper, "same_sign": same, "seeds": seeds})
+                out.append({"dataset": dataset, "component": name, "row_off": ROWS[row_off].label,
+                            "row_on": ROWS[row_on].label,
+                            **_difference(runs, dataset, row_on, row_off, ratio, "table2", ("helps", "hurts"))})
     return pd.DataFrame(out, columns=cols)
+
+
+def _interval(r) -> str:
+    """``+1.23 [-0.41, +2.87] (5)``: our mean difference, its 95 % t-interval and the seeds paired; "–" with none."""
+    if pd.isna(r.ours):
+        return "–"
+    ci = "" if pd.isna(r.half_width) else f" [{r.ci_low:+.2f}, {r.ci_high:+.2f}]"
+    return f"{r.ours:+.2f}{ci} ({r.n_pairs})"
+
+
+def _signed(x: float) -> str:
+    return "–" if pd.isna(x) else f"{x:+.2f}"
 
 
 def _effects_markdown(effects: pd.DataFrame) -> str:
-    lines = ["| data set | component | without → with | ours Δ Dice (± SE) | paper Δ Dice | same sign | seeds |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| data set | component | without → with | ours Δ Dice [95 % CI] (seeds) | paper Δ Dice | same sign |"
+             " verdict |", "|---|---|---|---|---|---|---|"]
     sign = {True: "yes", False: "**no**", None: "–"}
     for r in effects.itertuples():
-        ours, paper = _delta(r.ours, r.ours_se), _delta(r.paper, float("nan"))
-        lines.append(f"| {r.dataset} | {r.component} | {r.row_off} → {r.row_on} | {ours} | {paper} |"
-                     f" {sign[r.same_sign]} | {r.seeds} |")
+        lines.append(f"| {r.dataset} | {r.component} | {r.row_off} → {r.row_on} | {_interval(r)} |"
+                     f" {_signed(r.paper)} | {sign[r.same_sign]} | {r.verdict} |")
     return "\n".join(lines) + "\n"
 
 
-# Table 1's questions, each "row a minus row b" at the same label share (U-Net 100 % is one line for both shares)
-CONTRASTS = (("dusss", "mt"), ("dusss", "clip"), ("dusss", "bcp"), ("dusss", "ucmt"), ("dusss", "unet"),
-             ("dusss", "unet100"), ("mt", "unet"), ("mt", "bcp"))
+# Table 1's questions, each "row a minus row b" at the same label share (U-Net 100 % is one line for every share);
+# the headline ones first: does DuSSS beat Mean Teacher, does Mean Teacher beat the labelled part alone, does
+# DuSSS's Step 1 beat a CLIP-style one
+HEADLINE_CONTRASTS = (("dusss", "mt"), ("mt", "unet"), ("dusss", "clip"))
+CONTRASTS = HEADLINE_CONTRASTS + (("dusss", "bcp"), ("dusss", "ucmt"), ("dusss", "unet"), ("dusss", "unet100"),
+                                  ("mt", "bcp"))
 
 
-def row_contrasts(table1: pd.DataFrame, pairs: Iterable[tuple[str, str]] = CONTRASTS) -> pd.DataFrame:
-    """Table 1's comparisons as differences: Dice of row ``a`` minus row ``b`` per data set and label share.
+def row_contrasts(runs: pd.DataFrame, pairs: Iterable[tuple[str, str]] = CONTRASTS, *,
+                  ratios: Iterable[float] | None = None, datasets: Iterable[str] | None = None) -> pd.DataFrame:
+    """Table 1's comparisons as paired differences: Dice of row ``a`` minus row ``b`` per data set and label share.
 
-    ``table1`` is :func:`render_tables`'s ``"table1"`` summary. For each pair
-    and each ratio of row ``a`` (a row ``b`` with a fixed ratio, the 100 %
-    U-Net, is matched to every ratio of ``a``), ``ours`` ± ``ours_se`` and ``paper`` are as in
-    :func:`component_effects` (:func:`_difference`); ``paper`` is NaN where the
-    paper has no such row (the labelled-only U-Net, the CLIP-style VLM). Pairs
-    with a row missing from ``table1`` are skipped.
+    ``runs`` is :func:`load_runs`. One line per data set, pair and share of
+    ``ratios`` (None = every share the runs have, :func:`_shares`); a row
+    with a fixed share (the 100 % U-Net) is matched at that share to every
+    share of the other row. ``ours``, ``ci_low``, ``ci_high``,
+    ``half_width``, ``n_pairs``, ``seeds``, ``paper`` and ``same_sign`` are
+    as in :func:`component_effects`; ``paper`` is NaN where the paper has no
+    such row (the labelled-only U-Net, the CLIP-style VLM, shares other than
+    25 % and 50 %); ``verdict`` is "a > b" / "a < b" when the interval
+    excludes 0, else "no difference shown". ``datasets`` None = the data
+    sets that have runs.
     """
-    cols = ["dataset", "ratio", "row_a", "row_b", "label_a", "label_b", "ours", "ours_se", "paper", "same_sign",
-            "seeds"]
+    cols = ["dataset", "ratio", "row_a", "row_b", "label_a", "label_b"] + _DIFF_COLS
+    ratios = _shares(runs) if ratios is None else sorted(float(q) for q in ratios)
+    pairs = list(pairs)
+    for row in dict.fromkeys(r for pair in pairs for r in pair):
+        _spec(row)  # an unknown row fails here, before any work
     out = []
-    for dataset, grp in table1.groupby("dataset", sort=False):
-        for a_row, b_row in pairs:
-            for a in grp[grp["row"] == a_row].itertuples():
-                b = grp[(grp["row"] == b_row) & ((grp["ratio"] == a.ratio) | (_spec(b_row).ratio is not None))]
-                if not len(b):
-                    continue
-                b = next(b.itertuples())
-                ours, se, paper, same, seeds = _difference(a, b)
-                out.append({"dataset": dataset, "ratio": a.ratio, "row_a": a_row, "row_b": b_row, "label_a": a.label,
-                            "label_b": b.label, "ours": ours, "ours_se": se, "paper": paper, "same_sign": same,
-                            "seeds": seeds})
+    for dataset in _datasets(runs, datasets):
+        for a, b in pairs:
+            both_fixed = _spec(a).ratio is not None and _spec(b).ratio is not None
+            for ratio in ratios[:1] if both_fixed else ratios:
+                out.append({"dataset": dataset, "ratio": _spec(a).ratio if both_fixed else ratio, "row_a": a,
+                            "row_b": b, "label_a": ROWS[a].label, "label_b": ROWS[b].label,
+                            **_difference(runs, dataset, a, b, ratio, "table1", ("a > b", "a < b"))})
     return pd.DataFrame(out, columns=cols)
 
 
-def _delta(x: float, se: float) -> str:
-    return "–" if pd.isna(x) else f"{x:+.2f}" + ("" if pd.isna(se) else f" ± {se:.2f}")
+def _pct(ratio: float) -> str:
+    return f"{100 * ratio:g} %"
 
 
 def _contrasts_markdown(contrasts: pd.DataFrame) -> str:
-    """One line per (data set, pair), one column group per label share: ours Δ ± SE, the paper's Δ, seeds."""
+    """A line per (data set, pair), a column group per label share: ours Δ [95 % CI] (seeds), paper's Δ, verdict."""
     ratios = sorted(contrasts["ratio"].unique())
-    head, rule = "| data set | comparison (Dice of a minus b) |", "|---|---|"
+    head, rule = "| data set | comparison a − b (Dice) |", "|---|---|"
     for q in ratios:
-        head += f" {100 * q:.0f} %: ours | paper | seeds |"
+        head += f" {_pct(q)}: ours [95 % CI] (seeds) | paper | verdict |"
         rule += "---|---|---|"
     lines = [head, rule]
     for (dataset, a, b), grp in contrasts.groupby(["dataset", "label_a", "label_b"], sort=False):
@@ -492,7 +578,7 @@ def _contrasts_markdown(contrasts: pd.DataFrame) -> str:
                 line += " – | – | – |"
                 continue
             r = g.loc[q]
-            line += f" {_delta(r['ours'], r['ours_se'])} | {_delta(r['paper'], float('nan'))} | {r['seeds']} |"
+            line += f" {_interval(r)} | {_signed(r['paper'])} | {r['verdict']} |"
         lines.append(line)
     return "\n".join(lines) + "\n"
 
@@ -569,12 +655,14 @@ def plot_tables(tables: dict[str, Any]):
 
 
 def plot_differences(tables: Mapping[str, Any]):
-    """Forest plot of the differences: Table 1's contrasts and Table 2's component effects, ours ± 2 SE, paper as dots.
+    """Forest plot of the differences: Table 1's contrasts and Table 2's component effects, ours with 95 % t-intervals.
 
     One panel per kind (``"contrasts"``, ``"effects"`` of :func:`render_tables`),
-    one line per (data set, pair, label share); a bar that does not cross 0 is
-    a difference beyond two standard errors. Lines without our delta are left
-    out; lines from one seed have no bar.
+    one line per (data set, pair, label share): our mean paired difference
+    with its 95 % t-interval over seeds (blue) and the paper's difference
+    (red). A bar that does not cross 0 is a difference shown; one that does
+    is "no difference shown". Lines without our delta are left out; lines
+    from one seed have no bar.
     """
     import matplotlib.pyplot as plt
     import numpy as np
@@ -583,7 +671,7 @@ def plot_differences(tables: Mapping[str, Any]):
         return label.split(" (")[0]
 
     kinds = (("contrasts", "Table 1: row a − row b",
-              lambda r: f"{r.dataset} {100 * r.ratio:.0f}%: {short(r.label_a)} − {short(r.label_b)}"),
+              lambda r: f"{r.dataset} {_pct(r.ratio)}: {short(r.label_a)} − {short(r.label_b)}"),
              ("effects", "Table 2: one component switched on",
               lambda r: f"{r.dataset}: +{r.component} ({short(r.row_off)} → {short(r.row_on)})"))
     panels = []
@@ -597,16 +685,97 @@ def plot_differences(tables: Mapping[str, Any]):
                              squeeze=False)
     for ax, (title, d, names) in zip(axes[0], panels):
         y = np.arange(len(d))[::-1]
-        ax.errorbar(d["ours"], y, xerr=2 * d["ours_se"].fillna(0), fmt="o", color="tab:blue", ms=4, capsize=2,
-                    label="this project (± 2 SE)")
+        err = np.vstack([d["ours"] - d["ci_low"], d["ci_high"] - d["ours"]])  # (2, lines)
+        ax.errorbar(d["ours"], y, xerr=np.nan_to_num(err), fmt="o", color="tab:blue", ms=4, capsize=2,
+                    label="this project: mean, 95 % t-interval over seeds")
         ax.scatter(d["paper"], y, color="tab:red", marker="D", s=16, zorder=3, label="paper")
         ax.axvline(0, color="k", lw=0.8)
         ax.set_yticks(y)
         ax.set_yticklabels(names, fontsize=6)
-        ax.set(xlabel="Δ test Dice (points)", title=title)
+        ax.set(xlabel="Δ test Dice (points), paired by seed", title=title)
         ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+EFFICIENCY_ROWS = ("unet", "mt", "dusss", "clip")  # the rows of the label-efficiency figure; U-Net 100 % is its ceiling
+
+
+def label_efficiency(runs: pd.DataFrame, datasets: str | Iterable[str] | None = None,
+                     rows: Iterable[str] = EFFICIENCY_ROWS) -> pd.DataFrame:
+    """Test Dice (points) per data set, row and label share: mean and 95 % t-interval over seeds.
+
+    ``runs`` is :func:`load_runs`. One line per (data set, row of ``rows``,
+    label share the runs have, :func:`_shares`) that has a run, plus the
+    100 % U-Net (``unet100``) at its share 1.0 as the reference every row
+    would reach with all labels. Columns ``dataset``, ``row``, ``label``,
+    ``ratio``, ``mean``, ``ci_low``, ``ci_high``, ``half_width``
+    (:func:`dusss.stats.t_interval`; NaN below two seeds), ``n_seeds``,
+    ``seeds``. ``datasets`` None = the data sets that have runs.
+    """
+    datasets = [datasets] if isinstance(datasets, str) else datasets
+    cols = ["dataset", "row", "label", "ratio", "mean", "ci_low", "ci_high", "half_width", "n_seeds", "seeds"]
+    out = []
+    for dataset in _datasets(runs, datasets):
+        for row in list(dict.fromkeys(rows)) + ["unet100"]:
+            spec = _spec(row)
+            for ratio in [spec.ratio] if spec.ratio is not None else _shares(runs):
+                sel = _row_runs(runs, row, ratio, dataset)
+                if not len(sel):
+                    continue
+                ci = t_interval(100 * sel["test_dice"])
+                out.append({"dataset": dataset, "row": row, "label": spec.label, "ratio": ratio, "mean": ci["mean"],
+                            "ci_low": ci["ci_low"], "ci_high": ci["ci_high"], "half_width": ci["half_width"],
+                            "n_seeds": ci["n"], "seeds": " ".join(str(int(s)) for s in sorted(sel["seed"]))})
+    return pd.DataFrame(out, columns=cols)
+
+
+def _plot_efficiency(eff: pd.DataFrame):
+    """The figure of :func:`plot_label_efficiency` from :func:`label_efficiency`'s frame."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
+
+    datasets = list(dict.fromkeys(eff["dataset"])) or ["no runs"]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.4 * len(datasets), 3.4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        d = eff[eff["dataset"] == dataset]
+        for row, g in d[d["row"] != "unet100"].groupby("row", sort=False):
+            g = g.sort_values("ratio")
+            (line,) = ax.plot(g["ratio"], g["mean"], marker="o", ms=3, label=g["label"].iloc[0])
+            if g["half_width"].notna().any():
+                ax.fill_between(g["ratio"], g["ci_low"], g["ci_high"], color=line.get_color(), alpha=0.15, lw=0)
+        for r in d[d["row"] == "unet100"].itertuples():  # the ceiling: all labels, supervised
+            ax.axhline(r.mean, color="0.3", ls="--", lw=0.8, label=r.label)
+            ax.errorbar([r.ratio], [r.mean], yerr=None if pd.isna(r.half_width) else [[r.half_width]],
+                        fmt="s", color="0.3", ms=4, capsize=2)
+        shares = sorted(set(d["ratio"]))
+        ax.set_xscale("log")
+        ax.set_xticks(shares)
+        ax.set_xticklabels([_pct(q) for q in shares])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set(xlabel="labelled share of the training set (log scale)", ylabel="test Dice (%)",
+               title=f"{dataset} (paper: {PAPER_NAMES.get(dataset, '–')})")
+        if len(d):
+            ax.legend(fontsize=6, loc="best")
+    fig.suptitle("Test Dice against label share: mean over seeds, band = 95 % t-interval", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_label_efficiency(runs: pd.DataFrame, datasets: str | Iterable[str] | None = None,
+                          rows: Iterable[str] = EFFICIENCY_ROWS):
+    """Test Dice against label share, one panel per data set: a line per row, mean and shaded 95 % t-band over seeds.
+
+    ``runs`` is :func:`load_runs`; ``datasets`` one data set, several (one
+    panel each, side by side) or None = every one that has runs. The x axis
+    is logarithmic with a tick at every share present (e.g. 5, 10, 25, 50,
+    100 %); the 100 % U-Net is a grey square with its interval at 100 % and a
+    dashed line across the panel. A share with one seed has no band. A band
+    is one row's spread over seeds; whether two rows differ is their paired
+    interval (:func:`row_contrasts`), narrower where the seeds move both rows
+    alike. The numbers are :func:`label_efficiency`'s. Returns the Figure.
+    """
+    return _plot_efficiency(label_efficiency(runs, datasets, rows))
 
 
 def write_outputs(tables: dict[str, Any], profile: str, cx: dict[str, float] | None = None) -> dict[str, Path]:
@@ -618,6 +787,9 @@ def write_outputs(tables: dict[str, Any], profile: str, cx: dict[str, float] | N
     when ``tables`` has them, and the coverage paragraph (:func:`coverage`)
     to ``results/04_coverage[_<profile>].md``; their forest plot
     (:func:`plot_differences`) goes to ``figures/04_differences[_<profile>].png``.
+    Dice against label share (``"efficiency"``, :func:`label_efficiency`)
+    goes to ``results/04_label_efficiency[_<profile>].csv`` and its figure
+    (:func:`plot_label_efficiency`) to ``figures/04_label_efficiency[_<profile>].png``.
     The Markdown of Table 1 ends with the complexity line (:func:`complexity`)
     when ``cx`` is given. Returns the written paths.
     """
@@ -657,6 +829,13 @@ def write_outputs(tables: dict[str, Any], profile: str, cx: dict[str, float] | N
         fig = plot_differences(tables)
         paths["differences_figure"] = save_figure(fig, tagged("04_differences", profile))
         plt.close(fig)
+    if len(tables.get("efficiency", ())):
+        stem = tagged("04_label_efficiency", profile)
+        tables["efficiency"].to_csv(out / f"{stem}.csv", index=False, float_format="%.4f")
+        paths["efficiency_csv"] = out / f"{stem}.csv"
+        fig = _plot_efficiency(tables["efficiency"])
+        paths["efficiency_figure"] = save_figure(fig, stem)
+        plt.close(fig)
     return paths
 
 
@@ -681,7 +860,7 @@ def grid_cost(seconds: Mapping[str, float], *, datasets: int, seeds: int,
         if spec.method is None:
             continue
         names[run_name(row, ratio, 0)] = spec.method
-        if spec.method == "dusss":
+        if needs_vlm(row):
             vlms.add(tuple(sorted(spec.switches.items())))
     counts = pd.Series(list(names.values())).value_counts().to_dict()
     counts["pretrain"] = len(vlms)
@@ -744,10 +923,12 @@ def write_readme_section(profile: str = "demo", readme: str | Path | None = None
         raise ValueError(f"{readme} has no line {marker!r}; add it under the heading '## Tables 1 and 2'")
     path = results_dir() / f"{tagged('04_coverage', profile)}.md"
     parts = [path.read_text().strip() + "\n"] if path.is_file() else []
-    extras = {"table1": ("04_table1_contrasts", "**Table 1 as differences.** Dice of one row minus another at the "
-                         "same label share (points; ± the standard error over seeds), ours and the paper's"),
+    paired = ("paired by seed: our mean difference, its 95 % t-interval over seeds in brackets and the number of "
+              "seeds in parentheses, beside the paper's; an interval that covers 0 is \"no difference shown\"")
+    extras = {"table1": ("04_table1_contrasts", "**Table 1 as differences.** Dice of row a minus row b at the "
+                         f"same label share (points), {paired}"),
               "table2": ("04_table2_effects", "**Does each component help?** Dice of the Table-2 row with the "
-                         "component minus the row without it (points), ours and the paper's")}
+                         f"component minus the row without it (points), {paired}")}
     for name, title in (("table1", "Table 1 (comparison)"), ("table2", "Table 2 (ablation, 50 % labels)")):
         path = results_dir() / f"{tagged(f'04_{name}', profile)}.md"
         if not path.is_file():

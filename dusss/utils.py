@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -11,6 +12,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .config import ConfigError
+from .errors import CheckpointError, MissingCheckpointError
 
 __all__ = [
     "seed_everything", "resolve_device", "amp_enabled", "autocast", "to_float32", "atomic_write_text", "atomic_write_json",
@@ -38,7 +42,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was requested but CUDA is not available; use device=cpu or auto")
+        raise ConfigError(f"device {name!r} was requested but CUDA is not available; use device=cpu or auto")
     return dev
 
 
@@ -118,11 +122,22 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """Load a checkpoint written by :func:`atomic_torch_save` with ``weights_only=True``."""
+    """Load a checkpoint written by :func:`atomic_torch_save` with ``weights_only=True``.
+
+    A missing path raises :class:`dusss.errors.MissingCheckpointError`, a file
+    that is not a readable torch checkpoint (truncated, another format, objects
+    a weights-only load refuses) :class:`dusss.errors.CheckpointError`; both
+    name the file.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; train one first or fix the path")
-    return torch.load(path, map_location=map_location, weights_only=True)
+        raise MissingCheckpointError(f"checkpoint {path} does not exist; train one first or fix the path")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # what torch.load raises for a foreign or torn file
+        why = str(exc).strip().split("\n")[0]
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(exc).__name__}: {why}); "
+                              f"point to a .pt file written by dusss, or train it again") from exc
 
 
 def get_logger(name: str = "dusss") -> logging.Logger:

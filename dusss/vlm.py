@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config, make_config
+from .errors import CheckpointError
 from .losses import Embedding
 from .utils import get_logger, load_checkpoint
 
@@ -365,8 +366,8 @@ def load_vlm(path: str | Path, device: str | torch.device = "cpu") -> DuSSSVLM:
     """
     ckpt = load_checkpoint(path, map_location="cpu")
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path} is not a DuSSS VLM checkpoint (no 'config'/'model'); use the vlm.pt that "
-                         "`python -m dusss pretrain` writes")
+        raise CheckpointError(f"{path} is not a DuSSS VLM checkpoint (no 'config'/'model'); use the vlm.pt that "
+                              "`python -m dusss pretrain` writes")
     data = dict(ckpt["config"])
     profile = data.pop("profile", "demo")
     cfg = make_config(profile, data)
@@ -374,7 +375,7 @@ def load_vlm(path: str | Path, device: str | torch.device = "cpu") -> DuSSSVLM:
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     missing = [k for k in missing if not (cfg.freeze_text and k.startswith("text_encoder.backbone."))]
     if missing or unexpected:
-        raise ValueError(f"{path} does not match the model its config describes (missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}); it was written by another version of dusss")
+        raise CheckpointError(f"{path} does not match the model its config describes (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}); it was written by another version of dusss")
     model.to(device).eval().requires_grad_(False)
     return model

@@ -17,7 +17,8 @@ import sys
 
 import pandas as pd
 
-from dusss.config import METHODS, make_config, parse_overrides
+from dusss.config import make_config, parse_overrides
+from dusss.methods import METHODS
 from dusss.paths import default_vlm_checkpoint, results_dir, tagged
 from dusss.ssmis import train_ssmis
 from dusss.utils import get_logger

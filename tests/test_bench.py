@@ -67,6 +67,9 @@ def test_bench_ratios_are_the_ratios_of_the_step_times(bench_json):
     assert fp32["speedup_vs_fp32"] == pytest.approx(1.0)
     v = bench_json["vlm_pretrain"]
     assert v["pairs_per_second"] == pytest.approx(v["batch"] / v["step_seconds"])
+    d = bench_json["loader"]
+    assert d["loader_to_step_ratio"] == pytest.approx(d["delivered_images_per_second"] / d["step_images_per_second"])
+    assert bench_json["loader_to_step_ratio"] == d["loader_to_step_ratio"]
 
 
 def test_unet_flops_match_a_hand_count_of_the_first_convolution(tmp_path):

@@ -14,9 +14,10 @@ from dusss.cam import (CAM_METHODS, activation_maps, activation_share, cam_targe
                        measure_maps, paired_difference, pairwise_correlation, pairwise_iou, plot_paraphrase_maps,
                        plot_qualitative_grid, reports_for, select_by_quantiles, summarize_measures,
                        vit_reshape_transform)
-from dusss.config import METHODS, make_config
+from dusss.config import make_config
+from dusss.methods import METHODS
 from dusss.paths import default_vlm_checkpoint, ssmis_dir
-from dusss.tables import _config as tables_config, run_name
+from dusss.tables import run_config as tables_config, run_name
 from conftest import SMOKE_REPORTS
 from dusss.vlm import DuSSSVLM
 

@@ -96,3 +96,21 @@ def test_dataset_refuses_an_augmentation_its_reports_cannot_follow():
     assert torch.equal(item["mask"], torch.flip(ref["mask"], dims=(-1,)))
     assert item["text"] == transform_text(ref["text"], {"hflip": True}, "qata")
     assert item["text"] == describe_qata(item["mask"][0].numpy() > 0.5)  # the report follows the flipped mask
+
+
+def test_batched_augmentation_matches_the_per_image_one():
+    from dusss.data.augment import apply_params_batch
+
+    torch.manual_seed(0)
+    x = torch.nn.functional.avg_pool2d(torch.rand(4, 2, 40, 40), 9, 1)  # smooth (4, 2, 32, 32)
+    params = [{"k": 0, "hflip": False, "angle": 0.0}, {"k": 1, "hflip": True, "angle": 0.0},
+              {"k": 0, "hflip": False, "angle": 8.0}, {"k": 2, "hflip": True, "angle": -6.0}]
+    batch = apply_params_batch(x, params)
+    for i, p in enumerate(params):
+        one = apply_params(x[i], p)
+        assert torch.allclose(batch[i, :, 4:-4, 4:-4], one[:, 4:-4, 4:-4], atol=1e-5), p
+    masks = (x[:, :1] > x[:, :1].mean()).float()
+    out = apply_params_batch(masks, params, nearest=True)
+    assert set(out.unique().tolist()) <= {0.0, 1.0}
+    with pytest.raises(ValueError, match="parameter dicts"):
+        apply_params_batch(x, params[:2])

@@ -13,7 +13,7 @@ from dusss.cli import main as cli_main
 from dusss.config import make_config
 from dusss.data import DataError, LViTDataset, describe_bmseg, describe_monuseg, ensure_dataset, scan_split
 from dusss.data.nuclei import rasterize_wkb_polygons
-from dusss.data.prepare import check_dataset, prepare_bmseg, prepare_qata
+from dusss.data.prepare import MARKER, check_dataset, prepare_bmseg, prepare_qata
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -102,7 +102,63 @@ def test_data_check_cli_passes_on_generated_sets_and_fails_clearly(tmp_path, cap
     assert cli_main(["data", "check", str(FIX / "monuseg_lvit")]) == 0
     bad = shutil.copytree(FIX / "qata_lvit", tmp_path / "bad")
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(bad / "Test_Folder" / "labelcol" / "mask_covid_7.png")
-    assert cli_main(["data", "check", str(bad)]) == 1
-    assert re.search(r"error: image .*covid_7.png is 32x32 but its mask", capsys.readouterr().err)
-    assert cli_main(["data", "prepare-qata"]) == 1
-    assert "needs the QaTa-COV19-v2 download folder" in capsys.readouterr().err
+    for argv, expected in ((["data", "check", str(bad)], r"error: image .*covid_7.png is 32x32 but its mask"),
+                           (["data", "prepare-qata"], "needs the QaTa-COV19-v2 download folder"),
+                           (["data", "check", str(FIX / "qata_raw")], r"raw QaTa-COV19-v2 download.*prepare-qata"),
+                           (["data", "make-synth", str(bad)], "new or empty folder")):
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(argv)
+        assert exit_.value.code == 2, argv
+        assert re.search(expected, capsys.readouterr().err), argv
+    assert not (bad / MARKER).exists()  # make-synth left the user's folder alone
+
+
+# ---------------------------------------------------------------- what a data_root holds decides how it is read
+def test_a_folder_in_the_lvit_layout_is_own_data_whatever_embedded_set_is_named(tmp_path, caplog):
+    from dusss.data.prepare import default_augment, open_split, resolve_dataset
+
+    data = shutil.copytree(FIX / "monuseg_lvit", tmp_path / "mine")
+    caplog.set_level("INFO", logger="dusss")
+    for named in ("qata-synth", "nuclei-real"):
+        cfg = make_config("smoke", dataset=named, data_root=str(data))
+        resolved = resolve_dataset(cfg)
+        assert (resolved.dataset, resolved.data_root) == ("lvit", str(data))
+        assert ensure_dataset(cfg) == data and not (data / MARKER).exists()  # read, not regenerated
+        assert open_split(cfg, "train").text_mode == "none" and default_augment(cfg).p_flip == 0.0
+    assert [r.getMessage().count("reading it as dataset=lvit") for r in caplog.records] == [1]  # once per folder
+    named = make_config("smoke", dataset="monuseg", data_root=str(data))
+    assert resolve_dataset(named) is named  # a grammar chosen explicitly is kept
+    for untouched in (tmp_path / "new", FIX / "qata_raw"):  # generated there / refused by ensure_dataset
+        cfg = make_config("smoke", data_root=str(untouched))
+        assert resolve_dataset(cfg) is cfg
+
+
+def test_a_folder_generated_for_the_other_embedded_set_is_read_as_that_set(tmp_path):
+    from dusss.data.prepare import resolve_dataset
+
+    nuclei = make_config("smoke", dataset="nuclei-real", data_root=str(tmp_path / "n"), nuclei_patch=64)
+    root = ensure_dataset(nuclei)
+    stamp = (root / MARKER).stat().st_mtime_ns
+    resolved = resolve_dataset(nuclei.replace(dataset="qata-synth"))
+    assert resolved.dataset == "nuclei-real" and resolved.data_root == str(root)
+    assert ensure_dataset(nuclei.replace(dataset="qata-synth")) == root
+    assert (root / MARKER).stat().st_mtime_ns == stamp  # not regenerated as qata-synth
+
+
+def test_raw_downloads_name_the_command_that_converts_them(tmp_path):
+    for raw, dataset, command in ((FIX / "qata_raw", "qata-synth", "prepare-qata"),
+                                  (FIX / "qata_raw", "qata", "prepare-qata"),
+                                  (FIX / "bmseg_raw", "qata-synth", "prepare-bmseg"),
+                                  (FIX / "bmseg_raw", "bmseg", "prepare-bmseg")):
+        with pytest.raises(DataError, match=rf"{re.escape(str(raw))} is a raw .*python -m dusss data {command} "):
+            ensure_dataset(make_config("smoke", dataset=dataset, data_root=str(raw)))
+        with pytest.raises(DataError, match=command):
+            check_dataset(raw, decode=False)
+    monuseg = tmp_path / "MoNuSeg 2018 Training Data"
+    for sub in ("Tissue Images", "Annotations"):
+        (monuseg / sub).mkdir(parents=True)
+    with pytest.raises(DataError, match="raw MoNuSeg challenge download.*LViT's MoNuSeg folder"):
+        ensure_dataset(make_config("smoke", dataset="monuseg", data_root=str(monuseg)))
+    with pytest.raises(DataError, match=r"nope has no Train_Folder.*does not exist"):
+        ensure_dataset(make_config("smoke", dataset="lvit", data_root=str(tmp_path / "nope")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [monuseg.name]  # nothing written beside them

@@ -13,7 +13,7 @@ import torch
 from dusss.cli import main as cli_main
 from dusss.config import make_config
 from dusss.data import JointAugment, LViTDataset
-from dusss.ssmis import FLAT_TEXT_LOGIT, _AugmentedView, load_student, train_ssmis
+from dusss.ssmis import FLAT_TEXT_LOGIT, TensorSplit, _Augmenter, load_student, train_ssmis
 
 SMOKE = dict(num_threads=1, epochs=3)
 
@@ -162,16 +162,17 @@ def test_cli_evaluate_reproduces_the_test_score_of_the_best_checkpoint(env, duss
 
 def test_cached_text_map_gets_the_same_geometric_transform_as_its_image(env, dusss_run):
     ds = LViTDataset(env["data"], "train", 64)
-    positions = [0, 1, 2, 3]
+    split = TensorSplit(ds, [0, 1, 2, 3])
+    x, y = split.batch(torch.arange(4))  # (4, 3, H, W), (4, 1, H, W)
     # a "map" that is a copy of each image's first channel must stay one under flip + rotation
-    maps = torch.stack([ds[p]["image"][:1] for p in positions])  # (4, 1, H, W)
-    aug = JointAugment("report-safe", p_flip=1.0, p_rotate=1.0, max_angle=10.0, seed=0)
-    view = _AugmentedView(ds, positions, aug, "qata", maps)
-    for i in range(len(positions)):
-        item = view[i]
-        assert item["hflip"] and item["angle"] != 0.0
-        assert torch.allclose(item["text_logits"], item["image"][:1], atol=1e-5)
-        assert ("left" in item["text"]) == ("right" in ds[positions[i]]["text"])  # the report was flipped too
+    maps = x[:, :1].clone()
+    aug = _Augmenter(JointAugment("report-safe", p_flip=1.0, p_rotate=1.0, max_angle=10.0, seed=0), "qata")
+    x_a, y_a, maps_a, texts = aug(x, y, maps, list(split.texts))
+    assert not torch.allclose(x_a, x)  # it did transform
+    assert torch.allclose(maps_a, x_a[:, :1], atol=1e-5)
+    assert set(y_a.unique().tolist()) <= {0.0, 1.0}  # masks stay binary (nearest)
+    for new, old in zip(texts, split.texts):
+        assert ("left" in new) == ("right" in old)  # the report was flipped too
 
 
 def test_a_run_is_not_reused_after_its_vlm_was_retrained(env):

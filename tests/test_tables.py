@@ -1,4 +1,5 @@
-"""Grid runner (real tiny smoke runs), table renderer (mean ± std), complexity, cost and README generation."""
+"""Grid runner (real tiny smoke runs), table renderer (mean ± std), paired differences (95 % t-interval),
+label-efficiency figure, complexity, cost and README generation."""
 import json
 
 import numpy as np
@@ -88,6 +89,51 @@ def test_table2_rank_column_orders_rows_by_dice(tmp_outputs):
     assert lines["DuSSS (SSS + DCL + L_tg)"][-3:-1] == ["76.41", "61.08"]
 
 
+T975 = {1: 12.706204736174707, 2: 4.302652729749464}  # Student t quantile 0.975 at 1 and 2 d.f., from printed tables
+
+
+def test_paired_difference_is_the_t_interval_of_the_per_seed_differences_computed_by_hand():
+    from dusss.stats import paired_difference
+
+    a = pd.Series({1: 11.0, 2: 12.0, 3: 14.0, 4: 50.0})  # seed 4 only here, seed 5 only in b: both dropped
+    b = pd.Series({1: 10.0, 2: 10.0, 3: 10.0, 5: 7.0})
+    d = paired_difference(a, b)
+    # differences 1, 2, 4: mean 7/3, sd sqrt(((1 - 7/3)^2 + (2 - 7/3)^2 + (4 - 7/3)^2) / 2) = sqrt(7/3) = 1.5275
+    half = T975[2] * (7 / 3) ** 0.5 / 3 ** 0.5
+    assert half == pytest.approx(3.795, abs=1e-3)
+    assert d["mean"] == pytest.approx(7 / 3) and d["half_width"] == pytest.approx(half)
+    assert (d["ci_low"], d["ci_high"]) == pytest.approx((7 / 3 - half, 7 / 3 + half))
+    assert d["n_pairs"] == 3 and d["seeds"] == [1, 2, 3]
+    # rows of load_runs (test_dice in [0, 1]) are taken in points; identical rows: zero difference, zero width
+    runs = pd.DataFrame({"seed": [3, 1, 2], "test_dice": [0.14, 0.11, 0.12]})
+    assert paired_difference(runs, b)["mean"] == pytest.approx(7 / 3)
+    same = paired_difference(runs, runs)
+    assert same["mean"] == 0 and same["half_width"] == 0 and same["n_pairs"] == 3
+
+
+def test_paired_difference_below_two_pairs_has_no_interval_and_a_seed_twice_is_refused():
+    from dusss.stats import paired_difference
+
+    one = paired_difference(pd.Series({1: 5.0, 2: 9.0}), pd.Series({2: 4.0, 3: 1.0}))
+    assert one["mean"] == pytest.approx(5.0) and one["n_pairs"] == 1 and one["seeds"] == [2]
+    assert np.isnan(one["half_width"]) and np.isnan(one["ci_low"]) and np.isnan(one["ci_high"])
+    none = paired_difference(pd.Series({1: 5.0}), pd.Series({2: 4.0}))
+    assert none["n_pairs"] == 0 and np.isnan(none["mean"]) and none["seeds"] == []
+    with pytest.raises(ValueError, match=r"seeds \[1\] appear more than once"):
+        paired_difference(pd.Series([5.0, 6.0], index=[1, 1]), pd.Series({1: 4.0}))
+
+
+def test_differences_are_paired_by_seed_so_a_shared_seed_effect_cancels(tmp_outputs):
+    # the seeds move both rows together by 10 points; DuSSS is 1 point above Mean Teacher at every seed
+    for seed, base in {1: 0.60, 2: 0.70, 3: 0.80}.items():
+        _fake_run("demo", "qata-synth", "mt", 0.5, seed, base, base - 0.1)
+        _fake_run("demo", "qata-synth", "dusss", 0.5, seed, base + 0.01, base - 0.1)
+    c = T.row_contrasts(T.load_runs("demo"), [("dusss", "mt")]).iloc[0]
+    assert c["ours"] == pytest.approx(1.0) and c["half_width"] == pytest.approx(0.0, abs=1e-9)
+    assert c["verdict"] == "a > b" and c["n_pairs"] == 3 and c["seeds"] == "1 2 3"
+    # an unpaired interval (std 10 in each row) would cover 0 by far; the paired one does not
+
+
 def test_component_effects_pair_rows_that_differ_in_one_switch_and_compare_signs_with_the_paper(tmp_outputs):
     for row, dice in {"mt": 0.60, "sss": 0.65, "dcl": 0.58, "dusss": 0.70}.items():
         _fake_run("demo", "qata-synth", row, 0.5, 1, dice, dice - 0.1)
@@ -101,61 +147,131 @@ def test_component_effects_pair_rows_that_differ_in_one_switch_and_compare_signs
     assert down["ours"] == pytest.approx(-2.0) and down["paper"] == pytest.approx(80.13 - 79.64)
     assert down["same_sign"] is not None and not down["same_sign"]
     missing = pair.loc[("L_tg", "SSS + DCL", "DuSSS (SSS + DCL + L_tg)")]  # SSS + DCL was not run
-    assert np.isnan(missing["ours"]) and missing["same_sign"] is None and missing["seeds"] == 0
-    assert missing["paper"] == pytest.approx(82.52 - 81.10)
-    assert np.isnan(up["ours_se"])  # one seed: no standard error
+    assert np.isnan(missing["ours"]) and missing["same_sign"] is None and missing["n_pairs"] == 0
+    assert missing["paper"] == pytest.approx(82.52 - 81.10) and missing["verdict"] == "–"
+    assert np.isnan(up["half_width"]) and up["n_pairs"] == 1 and up["verdict"] == "no interval (1 seed)"
     _fake_run("demo", "qata-synth", "mt", 0.5, 2, 0.64, 0.54)
     _fake_run("demo", "qata-synth", "sss", 0.5, 2, 0.65, 0.55)
-    two = T.render_tables(T.load_runs("demo"), table1_rows=[])["effects"].set_index(["component", "row_off", "row_on"])
-    se = two.loc[("SSS", "Mean Teacher", "SSS")]
-    assert se["ours"] == pytest.approx(3.0)  # 65 - mean(60, 64)
-    assert se["ours_se"] == pytest.approx((100 * np.std([0.60, 0.64], ddof=1)) / np.sqrt(2))  # sss std is 0
-    assert "| +3.00 ± 2.00 |" in T.render_tables(T.load_runs("demo"), table1_rows=[])["effects_md"]
+    two = T.render_tables(T.load_runs("demo"), table1_rows=[])
+    eff = two["effects"].set_index(["component", "row_off", "row_on"])
+    ci = eff.loc[("SSS", "Mean Teacher", "SSS")]
+    # per-seed differences 65 - 60 = 5 and 65 - 64 = 1: mean 3, sd 2 sqrt(2), half-width t(0.975, 1) * 2
+    assert ci["ours"] == pytest.approx(3.0) and ci["half_width"] == pytest.approx(2 * T975[1])
+    assert ci["ci_low"] < 0 < ci["ci_high"] and ci["verdict"] == "no difference shown" and ci["seeds"] == "1 2"
+    assert (f"| qata-synth | SSS | Mean Teacher → SSS | +3.00 [{3 - 2 * T975[1]:+.2f}, {3 + 2 * T975[1]:+.2f}] (2) "
+            f"| +1.22 | yes | no difference shown |") in two["effects_md"]
     md = t["effects_md"]
-    assert "| qata-synth | SSS | Mean Teacher → SSS | +5.00 | +1.22 | yes | 1 |" in md
-    assert "| qata-synth | DCL | Mean Teacher → DCL | -2.00 | +0.49 | **no** | 1 |" in md
+    assert "| qata-synth | SSS | Mean Teacher → SSS | +5.00 (1) | +1.22 | yes | no interval (1 seed) |" in md
+    assert "| qata-synth | DCL | Mean Teacher → DCL | -2.00 (1) | +0.49 | **no** | no interval (1 seed) |" in md
+    assert "SE" not in md.split("\n")[0]
     T.write_outputs(t, "demo")
     readme = tmp_outputs / "README.md"
     readme.write_text("## Tables 1 and 2\n<!-- section:tables -->\n")
-    assert "Does each component help?" in T.write_readme_section("demo", readme)
+    block = T.write_readme_section("demo", readme)
+    assert "Does each component help?" in block and "95 % t-interval" in block
+    assert "standard error" not in block and "SE)" not in block
 
 
-def test_row_contrasts_subtract_rows_at_the_same_label_share_and_match_the_full_label_unet_to_both(tmp_outputs):
-    for seed, (mt, du) in {1: (0.70, 0.66), 2: (0.74, 0.70)}.items():
+def test_component_effects_say_helps_or_hurts_only_when_the_interval_excludes_zero(tmp_outputs):
+    for seed, (mt, sss, dcl) in {1: (0.60, 0.63, 0.55), 2: (0.64, 0.66, 0.60), 3: (0.62, 0.66, 0.56)}.items():
+        for row, dice in (("mt", mt), ("sss", sss), ("dcl", dcl)):
+            _fake_run("demo", "qata-synth", row, 0.5, seed, dice, dice - 0.1)
+    e = T.component_effects(T.load_runs("demo"), rows=["mt", "sss", "dcl"]).set_index("row_on")
+    assert list(e["row_off"]) == ["Mean Teacher", "Mean Teacher"]  # only the two one-switch pairs among these rows
+    assert e.loc["SSS", "verdict"] == "helps" and e.loc["SSS", "ci_low"] > 0  # +3, +2, +4
+    assert e.loc["DCL", "verdict"] == "hurts" and e.loc["DCL", "ci_high"] < 0  # -5, -4, -6
+
+
+def test_row_contrasts_pair_seeds_at_the_same_label_share_and_match_the_full_label_unet_to_every_share(tmp_outputs):
+    for seed, (mt, du) in {1: (0.70, 0.66), 2: (0.74, 0.71)}.items():
         _fake_run("demo", "qata-synth", "mt", 0.5, seed, mt, mt - 0.1)
         _fake_run("demo", "qata-synth", "dusss", 0.5, seed, du, du - 0.1)
     _fake_run("demo", "qata-synth", "mt", 0.25, 1, 0.65, 0.55)
     _fake_run("demo", "qata-synth", "unet100", 1.0, 1, 0.80, 0.70)
     t = T.render_tables(T.load_runs("demo"), table2_rows=[])
     c = t["contrasts"].set_index(["row_a", "row_b", "ratio"])
-    assert set(c.index.get_level_values("ratio")) == {0.25, 0.5}
+    assert set(c.index.get_level_values("ratio")) == {0.25, 0.5}  # the shares the runs have
     half = c.loc[("dusss", "mt", 0.5)]
-    assert half["ours"] == pytest.approx(-4.0) and half["paper"] == pytest.approx(82.52 - 79.64)
-    assert half["ours_se"] == pytest.approx(np.hypot(100 * np.std([0.70, 0.74], ddof=1),
-                                                     100 * np.std([0.66, 0.70], ddof=1)) / np.sqrt(2))
-    assert half["same_sign"] is False and half["seeds"] == 2
+    # per-seed differences -4 and -3: mean -3.5, sd 1 / sqrt(2), half-width t(0.975, 1) * 0.5
+    assert half["ours"] == pytest.approx(-3.5) and half["paper"] == pytest.approx(82.52 - 79.64)
+    assert half["half_width"] == pytest.approx(0.5 * T975[1]) and half["n_pairs"] == 2
+    assert half["same_sign"] is False and half["verdict"] == "no difference shown"
     quarter = c.loc[("dusss", "mt", 0.25)]  # DuSSS at 25 % was not run
-    assert np.isnan(quarter["ours"]) and quarter["seeds"] == 0 and quarter["paper"] == pytest.approx(79.00 - 77.88)
+    assert np.isnan(quarter["ours"]) and quarter["n_pairs"] == 0 and quarter["paper"] == pytest.approx(79.00 - 77.88)
     assert ("mt", "unet100") not in c.droplevel("ratio").index  # not one of the default pairs
-    both = T.row_contrasts(t["table1"], [("mt", "unet100")]).set_index("ratio")
-    assert both.loc[0.25, "ours"] == pytest.approx(-15.0) and both.loc[0.5, "ours"] == pytest.approx(-8.0)
+    both = T.row_contrasts(T.load_runs("demo"), [("mt", "unet100")]).set_index("ratio")
+    assert both.loc[0.25, "ours"] == pytest.approx(-15.0)
+    assert both.loc[0.5, "ours"] == pytest.approx(-10.0) and both.loc[0.5, "seeds"] == "1"  # seed 2: no U-Net 100 %
     assert both.loc[0.5, "paper"] == pytest.approx(79.64 - 79.02)
     assert np.isnan(c.loc[("dusss", "clip", 0.5)]["paper"])  # the paper has no CLIP-guided SSMIS row
     md = t["contrasts_md"]
-    assert "| qata-synth | DuSSS (SSS + DCL + L_tg) − Mean Teacher | – | +1.12 | 0 |" in md
-    assert f"| {half['ours']:+.2f} ± {half['ours_se']:.2f} | +2.88 | 2 |" in md
+    assert "| qata-synth | DuSSS (SSS + DCL + L_tg) − Mean Teacher | – | +1.12 | – |" in md
+    low, high = -3.5 - 0.5 * T975[1], -3.5 + 0.5 * T975[1]
+    assert f"| -3.50 [{low:+.2f}, {high:+.2f}] (2) | +2.88 | no difference shown |" in md
+    assert "SE" not in md
     with pytest.raises(ValueError, match="unknown table row 'nope'"):
-        T.row_contrasts(t["table1"], [("dusss", "nope")])
+        T.row_contrasts(T.load_runs("demo"), [("dusss", "nope")])
     paths = T.write_outputs(t, "demo")
     assert paths["contrasts_md"].read_text() == md
     assert paths["differences_figure"].is_file()  # the forest plot; Table 2 is empty here: one panel
     fig = T.plot_differences(t)
     (ax,) = fig.axes
     assert len(ax.get_yticklabels()) == int(t["contrasts"]["ours"].notna().sum())  # lines without ours left out
+    bars = ax.containers[0].lines[2][0].get_segments()  # the whiskers, top line first: DuSSS − MT at 50 %
+    assert any(seg[:, 0] == pytest.approx([half["ci_low"], half["ci_high"]]) for seg in bars)
+    assert any("95 % t-interval" in text.get_text() for text in ax.get_legend().get_texts())
     readme = tmp_outputs / "README.md"
     readme.write_text("## Tables 1 and 2\n<!-- section:tables -->\n")
     block = T.write_readme_section("demo", readme)
     assert block.index("Table 1 (comparison)") < block.index("Table 1 as differences") < block.index("Table 2 (")
+
+
+def test_headline_contrasts_cover_every_label_share_of_the_runs():
+    assert {("dusss", "mt"), ("mt", "unet"), ("dusss", "clip")} <= set(T.CONTRASTS)
+    rows = []
+    for ratio in (0.05, 0.1, 0.25, 0.5):
+        for row in ("unet", "mt", "dusss", "clip"):
+            rows.append({"dataset": "qata-synth", "run": T.run_name(row, ratio, 1), "ratio": ratio, "seed": 1,
+                         "test_dice": 0.5})
+    rows.append({"dataset": "qata-synth", "run": T.run_name("unet100", 1.0, 1), "ratio": 1.0, "seed": 1,
+                 "test_dice": 0.9})
+    c = T.row_contrasts(pd.DataFrame(rows), T.HEADLINE_CONTRASTS + (("dusss", "unet100"),))
+    assert sorted(set(c["ratio"])) == [0.05, 0.1, 0.25, 0.5]  # 100 % is the U-Net's own share, not a share here
+    assert len(c) == 4 * 4 and (c["n_pairs"] == 1).all()
+    assert c[c["row_b"] == "unet100"]["ours"].tolist() == pytest.approx([-40.0] * 4)  # one U-Net 100 % run
+
+
+def test_label_efficiency_figure_has_a_line_and_band_per_row_and_the_full_label_unet_as_reference(tmp_outputs):
+    shares = (0.05, 0.1, 0.25, 0.5)
+    for seed in (1, 2):
+        for k, q in enumerate(shares):
+            for row, base in (("unet", 0.50), ("mt", 0.55), ("dusss", 0.52)):  # no CLIP-style run: no line
+                _fake_run("demo", "qata-synth", row, q, seed, base + 0.05 * k + 0.01 * seed, 0.4)
+        _fake_run("demo", "qata-synth", "unet100", 1.0, seed, 0.80 + 0.02 * seed, 0.7)
+    runs = T.load_runs("demo")
+    eff = T.label_efficiency(runs).set_index(["row", "ratio"])
+    cell = eff.loc[("mt", 0.1)]  # 61 and 62 points: mean 61.5, sd 1 / sqrt(2), half-width t(0.975, 1) * 0.5
+    assert cell["mean"] == pytest.approx(61.5) and cell["half_width"] == pytest.approx(0.5 * T975[1])
+    assert eff.loc[("unet100", 1.0), "mean"] == pytest.approx(83.0) and eff.loc[("unet100", 1.0), "n_seeds"] == 2
+    fig = T.plot_label_efficiency(runs, "qata-synth")
+    (ax,) = fig.axes
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ["U-Net, labelled part only", "Mean Teacher", "DuSSS (SSS + DCL + L_tg)", "U-Net, 100 % labels"]
+    from matplotlib.collections import PolyCollection
+
+    bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 3  # a 95 % band per row; the reference's interval is an error bar
+    assert ax.get_xscale() == "log" and [t.get_text() for t in ax.get_xticklabels()] == ["5 %", "10 %", "25 %",
+                                                                                       "50 %", "100 %"]
+    line = ax.get_lines()[1]  # Mean Teacher: its mean at every share
+    assert list(line.get_xdata()) == list(shares) and line.get_ydata()[1] == pytest.approx(61.5)
+    two = T.plot_label_efficiency(runs.assign(dataset="nuclei-real").pipe(lambda r: pd.concat([runs, r])))
+    assert len(two.axes) == 2  # one panel per data set
+    t = T.render_tables(runs, table2_rows=[])
+    paths = T.write_outputs(t, "demo")
+    assert paths["efficiency_figure"] == tmp_outputs / "figures" / "04_label_efficiency.png"
+    assert paths["efficiency_figure"].is_file()
+    assert pd.read_csv(paths["efficiency_csv"])["n_seeds"].sum() == 2 * (3 * 4 + 1)
 
 
 def test_coverage_names_every_cell_that_lacks_a_seed_and_opens_the_readme_block(tmp_outputs):
@@ -255,10 +371,10 @@ def test_grid_adopts_runs_finished_outside_it_without_training(tmp_outputs):
 
 def test_text_guided_rows_train_in_folders_of_their_own(tmp_outputs):
     # rows that differ only in their VLM must never share (and retrain over) one run folder
-    folders = {row: T._config("smoke", "qata-synth", row, 0.5, 666, {}).out_dir for row in ("clip", "sss", "dcl", "dusss")}
+    folders = {row: T.run_config("smoke", "qata-synth", row, 0.5, 666, {}).out_dir for row in ("clip", "sss", "dcl", "dusss")}
     assert len(set(folders.values())) == 4, folders
     assert all(f.endswith(T.run_name(row, 0.5, 666)) for row, f in folders.items())
-    assert T._config("smoke", "qata-synth", "mt", 0.5, 666, {}).out_dir == ""  # other rows keep the default folder
+    assert T.run_config("smoke", "qata-synth", "mt", 0.5, 666, {}).out_dir == ""  # other rows keep the default folder
 
 
 def test_measured_seconds_take_the_wall_time_of_grid_runs_and_training_time_of_adopted_or_resumed_ones(

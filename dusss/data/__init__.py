@@ -12,7 +12,7 @@ from .layout import (SPLITS, DataError, LViTDataset, Sample, load_pair, read_ima
                      scan_split, split_dir, text_file, write_text_table)
 from .nuclei import generate_nuclei_real
 from .prepare import (EMBEDDED, REAL, check_dataset, default_augment, ensure_dataset, open_split, prepare_bmseg,
-                      prepare_qata, text_mode_for)
+                      prepare_qata, resolve_dataset, text_mode_for)
 from .splits import load_split, save_split, split_for, split_labeled, split_path
 from .synth import draw_chest_xray, generate_qata_synth
 from .text import (describe_bmseg, describe_monuseg, describe_qata, flip_report, paraphrase, parse_qata,
@@ -21,7 +21,7 @@ from .text import (describe_bmseg, describe_monuseg, describe_qata, flip_report,
 __all__ = [
     "LViTDataset", "DataError", "Sample", "SPLITS", "scan_split", "split_dir", "text_file", "read_text_table",
     "write_text_table", "read_image", "read_mask", "load_pair",
-    "ensure_dataset", "open_split", "text_mode_for", "default_augment", "EMBEDDED", "REAL",
+    "ensure_dataset", "resolve_dataset", "open_split", "text_mode_for", "default_augment", "EMBEDDED", "REAL",
     "prepare_qata", "prepare_bmseg", "check_dataset", "generate_nuclei_real",
     "describe_qata", "describe_monuseg", "describe_bmseg", "paraphrase", "parse_qata", "render_qata",
     "flip_report", "rotate_report",

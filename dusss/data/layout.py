@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
+from ..errors import DusssError
 from ..utils import get_logger
 
 __all__ = [
@@ -39,7 +40,7 @@ SPLITS = {"train": "Train_Folder", "val": "Val_Folder", "test": "Test_Folder"}
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
-class DataError(ValueError):
+class DataError(DusssError):
     """A data folder, file or value a user supplied is not usable; the message says which and what to do."""
 
 

@@ -7,6 +7,13 @@ under a file lock and the finished folder (its completion marker written last)
 is moved into place, so an interrupted or concurrent generation never leaves a
 half-written set behind. For real data sets it only checks that the folder is
 there and says which ``prepare`` command makes it.
+
+:func:`resolve_dataset` reads ``data_root`` for what it holds before any of
+that: a folder in the LViT layout that dusss did not generate is the user's own
+data (``dataset="lvit"``), whatever embedded set the config names, and a raw
+QaTa-COV19 / BM-Seg / MoNuSeg download is answered with the command that
+converts it. Nothing here ever deletes, or advises deleting, a folder dusss did
+not write.
 """
 from __future__ import annotations
 
@@ -26,8 +33,8 @@ from .layout import (SPLITS, DataError, LViTDataset, load_pair, read_mask, read_
                      text_file, write_text_table)
 from .text import describe_bmseg, describe_qata
 
-__all__ = ["EMBEDDED", "REAL", "MARKER", "TEXT_MODES", "ensure_dataset", "text_mode_for", "open_split", "default_augment",
-           "prepare_qata", "prepare_bmseg", "check_dataset"]
+__all__ = ["EMBEDDED", "REAL", "MARKER", "TEXT_MODES", "resolve_dataset", "ensure_dataset", "text_mode_for",
+           "open_split", "default_augment", "prepare_qata", "prepare_bmseg", "check_dataset"]
 
 log = get_logger("dusss.data")
 MARKER = ".dusss_complete.json"  # written last into a generated folder
@@ -35,11 +42,21 @@ EMBEDDED = ("qata-synth", "nuclei-real")
 REAL = ("qata", "monuseg", "bmseg", "lvit")
 TEXT_MODES = {"qata-synth": "qata", "qata": "qata", "nuclei-real": "monuseg", "monuseg": "monuseg",
               "bmseg": "bmseg", "lvit": "none"}
+_PREPARE = {  # the command that turns a raw download into the LViT layout
+    "qata": "python -m dusss data prepare-qata {raw} --text-dir <LViT text folder> --data-root {out}",
+    "bmseg": "python -m dusss data prepare-bmseg {raw} --data-root {out}",
+}
 _HOW = {
-    "qata": "python -m dusss data prepare-qata <QaTa-COV19-v2 folder> --text-dir <LViT text folder> --data-root {root}",
-    "bmseg": "python -m dusss data prepare-bmseg <BM-Seg folder> --data-root {root}",
+    "qata": _PREPARE["qata"].format(raw="<QaTa-COV19-v2 folder>", out="{root}"),
+    "bmseg": _PREPARE["bmseg"].format(raw="<BM-Seg folder>", out="{root}"),
     "monuseg": "download LViT's MoNuSeg folder (already in the LViT layout) to {root}, or set data_root / $DUSSS_DATA",
     "lvit": "put your data in the LViT layout at {root} (README 'Your own data') or set data_root",
+}
+# raw downloads, recognised by the folders prepare_qata / prepare_bmseg (or the MoNuSeg challenge archive) hold
+_RAW = {
+    "qata": ("a raw QaTa-COV19-v2 download", ("Train Set", "Test Set")),
+    "bmseg": ("a raw BM-Seg download", ("image", "lesion mask")),
+    "monuseg": ("the raw MoNuSeg challenge download", ("Tissue Images", "Annotations")),
 }
 
 
@@ -92,6 +109,64 @@ def _looks_generated(root: Path, dataset: str) -> bool:
     return all(f.name.startswith(_PREFIX[dataset]) for f in files)
 
 
+def _has_lvit_layout(root: Path) -> bool:
+    """True when ``root`` holds at least one ``<Split>_Folder`` (its contents are checked when it is read)."""
+    return any((root / name).is_dir() for name in SPLITS.values())
+
+
+def _raw_download_error(root: Path) -> DataError | None:
+    """The ``DataError`` for a raw QaTa-COV19 / BM-Seg / MoNuSeg download at ``root``, else ``None``."""
+    for key, (what, folders) in _RAW.items():
+        if all(_find_dir(root, name) is not None for name in folders):
+            if key in _PREPARE:
+                todo = (f"convert it with `{_PREPARE[key].format(raw=root, out='<new folder>')}` "
+                        f"and use the new folder as data_root")
+            else:
+                todo = ("dusss reads MoNuSeg in the LViT layout with LViT's text: download LViT's MoNuSeg folder "
+                        "and use it as data_root")
+            return DataError(f"{root} is {what} ({', '.join(folders)}), not a data set in the LViT layout; {todo}")
+    return None
+
+
+_announced: set[tuple[Path, str]] = set()  # (root, dataset) pairs already logged in this process
+
+
+def resolve_dataset(cfg: Config) -> Config:
+    """``cfg`` with ``dataset`` set to what its data folder holds, when it names an embedded set the folder is not.
+
+    Applies only to ``qata-synth`` and ``nuclei-real`` (a folder that does not
+    exist yet, is empty, or was generated for that set is left to
+    :func:`ensure_dataset`). A folder in the LViT layout that dusss did not
+    generate is read as the own-data set ``lvit`` (reports used as written);
+    a folder dusss generated for the other embedded set is read as that set.
+    Either switch is logged once, with ``data_root`` pinned to the folder (the
+    default folder of the new name would be another one). Every entry point
+    resolves its config through here: the CLI when it builds the config,
+    :func:`open_split`, :func:`ensure_dataset` and ``dusss.pretrain.pretrain``.
+    """
+    if cfg.dataset not in EMBEDDED:
+        return cfg
+    root = cfg.resolved_data_root()
+    if not root.is_dir():
+        return cfg
+    marker = _read_marker(root)
+    if marker is not None:
+        found = marker.get("dataset") if isinstance(marker, dict) else None
+        if found not in EMBEDDED or found == cfg.dataset:
+            return cfg
+        why = f"was generated by dusss as {found}"
+    elif _has_lvit_layout(root) and not _looks_generated(root, cfg.dataset):
+        found, why = "lvit", "holds a data set in the LViT layout that dusss did not generate"
+    else:
+        return cfg
+    if (root, found) not in _announced:
+        _announced.add((root, found))
+        hint = ("; if its reports follow the QaTa-COV19, MoNuSeg or BM-Seg grammar, say so with "
+                "--set dataset=qata|monuseg|bmseg (papermill: -p dataset ...)" if found == "lvit" else "")
+        log.info("data_root %s %s: reading it as dataset=%s instead of %s%s", root, why, found, cfg.dataset, hint)
+    return cfg.replace(dataset=found, data_root=str(root))
+
+
 @contextmanager
 def _lock(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,33 +178,48 @@ def _lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _refuse_foreign(root: Path, dataset: str) -> None:
+    """``DataError`` when ``root`` holds something dusss did not generate (it is then never replaced)."""
+    if root.exists() and _read_marker(root) is None and not _looks_generated(root, dataset):
+        raise _raw_download_error(root) or DataError(
+            f"{root} is not a data set generated by dusss (no {MARKER}) nor one in the LViT layout "
+            f"({'/'.join(SPLITS.values())}); point data_root at a folder in the LViT layout (README 'Your own "
+            f"data') or at a new or empty folder to generate {dataset} there")
+
+
 def ensure_dataset(cfg: Config) -> Path:
-    """``cfg.resolved_data_root()``, generated first for an embedded set that is missing or stale.
+    """The data folder of ``resolve_dataset(cfg)``, generated first for an embedded set that is missing or stale.
 
     Embedded sets are (re)generated when the folder lacks the completion marker
     or was generated with other sizes, seed or generator version (a folder
     without a marker is redone only when it holds nothing but the generator's
-    own files; anything else is never deleted: ``DataError``).
+    own files; a user's folder in the LViT layout is read instead, see
+    :func:`resolve_dataset`; anything else is never touched: ``DataError``).
     Real sets raise ``DataError`` naming the folder and the command that
-    prepares it when a split folder is missing.
+    prepares it when a split folder is missing. Callers that also pick the
+    report grammar (``text_mode_for(cfg.dataset)``) resolve the config first.
     """
+    cfg = resolve_dataset(cfg)
     root = cfg.resolved_data_root()
     if cfg.dataset in REAL:
         missing = [name for name in SPLITS.values() if not (root / name).is_dir()]
+        if missing and root.is_dir():
+            raise _raw_download_error(root) or DataError(
+                f"data folder {root} has no {', '.join(missing)}; {_HOW[cfg.dataset].format(root=root)}")
         if missing:
-            raise DataError(f"data folder {root} has no {', '.join(missing)}; {_HOW[cfg.dataset].format(root=root)}")
+            raise DataError(f"data folder {root} has no {', '.join(missing)} (the folder does not exist); "
+                            f"{_HOW[cfg.dataset].format(root=root)}")
         return root
     if cfg.dataset not in EMBEDDED:
         raise DataError(f"unknown dataset {cfg.dataset!r}; choose one of {EMBEDDED + REAL}")
     params = _generation_params(cfg)
     if _read_marker(root) == params:
         return root
+    _refuse_foreign(root, cfg.dataset)  # before the lock, so nothing is written beside a folder that is not ours
     with _lock(root.parent / f".{root.name}.lock"):
         if _read_marker(root) == params:  # another process finished it while we waited
             return root
-        if root.exists() and _read_marker(root) is None and not _looks_generated(root, cfg.dataset):
-            raise DataError(f"{root} exists but is not a data set generated by dusss (no {MARKER}); "
-                            f"delete it or point data_root elsewhere to generate {cfg.dataset} there")
+        _refuse_foreign(root, cfg.dataset)
         tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         log.info("generating %s in %s (%s)", cfg.dataset, root, ", ".join(f"{k}={v}" for k, v in params.items()))
@@ -151,11 +241,13 @@ def default_augment(cfg: Config):
 
     if not cfg.augment:
         return None
-    return JointAugment("report-safe", p_flip=0.0 if text_mode_for(cfg.dataset) == "none" else 0.5)
+    grammar = text_mode_for(resolve_dataset(cfg).dataset)
+    return JointAugment("report-safe", p_flip=0.0 if grammar == "none" else 0.5)
 
 
 def open_split(cfg: Config, split: str, *, augment=None, preload: bool = False) -> LViTDataset:
     """``LViTDataset`` of ``split`` for a config: ensures the data, uses ``cfg.image_size`` and the set's grammar."""
+    cfg = resolve_dataset(cfg)
     root = ensure_dataset(cfg)
     return LViTDataset(root, split, cfg.image_size, augment=augment, text_mode=text_mode_for(cfg.dataset), preload=preload)
 
@@ -188,7 +280,7 @@ def _copy_split(out: Path, split: str, items: list[tuple[Path, Path, str, str]])
 
 def _empty_output(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
-        raise DataError(f"output folder {out} is not empty; choose a new --data-root or delete it first")
+        raise DataError(f"output folder {out} is not empty; choose a new or empty --data-root to prepare into")
 
 
 def prepare_qata(raw: str | os.PathLike, out: str | os.PathLike, text_dir: str | os.PathLike | None = None, *,
@@ -317,6 +409,10 @@ def check_dataset(root: str | os.PathLike, *, decode: bool = True) -> dict[str, 
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist; generate it (make-synth, make-nuclei) or prepare it")
+    if not _has_lvit_layout(root):
+        raise _raw_download_error(root) or DataError(
+            f"data folder {root} has none of {', '.join(SPLITS.values())}; a data set in the LViT layout needs all "
+            f"three (README 'Your own data')")
     report: dict[str, dict[str, float]] = {}
     for split in SPLITS:
         samples = scan_split(root, split)

@@ -1,0 +1,175 @@
+"""The Step-2 consistency-recipe study (issue 20): which perturbation, consistency form, weight and ramp make Mean
+Teacher beat the labelled-only U-Net where labels are scarce, judged on the **validation** split only.
+
+``python -m dusss study --datasets qata-synth nuclei-real --seeds 666-668 --workers 2``
+
+Each recipe (:data:`RECIPES`) is a set of Step-2 config values; it trains
+``mt`` at the testbed's lowest share (:data:`dusss.experiments.grid.LOWEST_SHARE`)
+beside the labelled-only U-Net of the same seed (the grid's own run, shared).
+A run's file ``results/study/<dataset>-<profile>/<recipe>-s<seed>.json`` holds
+its validation Dice, its per-epoch validation and teacher pseudo-label Dice
+and the decline flag; runs whose file exists are skipped and interrupted runs
+resume, like the grid. :func:`summarise` gives each recipe's paired difference
+of best-checkpoint validation Dice from labelled-only with its 95 %
+t-interval; :func:`choose` picks the recipe with the highest mean difference
+over both data sets. Test Dice is kept in the files but never read here.
+"""
+from __future__ import annotations
+
+import json
+from typing import Iterable
+
+import pandas as pd
+
+from ..config import Config, make_config, parse_overrides
+from ..paths import results_dir, runs_dir, tagged
+from ..ssmis import train_ssmis
+from ..stats import paired_difference
+from ..utils import atomic_write_json, get_logger
+from .. import tables
+from .grid import LOWEST_SHARE, parse_seeds, run_jobs
+
+__all__ = ["RECIPES", "study_file", "run_recipe", "run_study", "load_study", "summarise", "choose", "plot_curves",
+           "run"]
+
+log = get_logger(__name__)
+
+# name -> Step-2 settings; "previous" is the loop as it was before issue 20 (no perturbation, BCE, weight 1, ramp 2)
+RECIPES: dict[str, dict] = {
+    "previous": dict(perturb="none", cons_loss="bce", cons_weight=1.0, rampup_epochs=2.0),
+    "bce-w1-noise": dict(perturb="noise", noise_std=0.1, cons_loss="bce", cons_weight=1.0, rampup_epochs=2.0),
+    "mse-w0.1-none": dict(perturb="none", cons_loss="mse", cons_weight=0.1, rampup_epochs=20.0),
+    "mse-w0.1-noise": dict(perturb="noise", noise_std=0.1, cons_loss="mse", cons_weight=0.1, rampup_epochs=20.0),
+    "mse-w1-noise": dict(perturb="noise", noise_std=0.1, cons_loss="mse", cons_weight=1.0, rampup_epochs=20.0),
+    "mse-w0.1-noise0.3": dict(perturb="noise", noise_std=0.3, cons_loss="mse", cons_weight=0.1, rampup_epochs=20.0),
+    "mse-w0.1-strong": dict(perturb="strong", noise_std=0.1, cons_loss="mse", cons_weight=0.1, rampup_epochs=20.0),
+    "bce-w0.1-noise": dict(perturb="noise", noise_std=0.1, cons_loss="bce", cons_weight=0.1, rampup_epochs=20.0),
+}
+
+
+def study_file(profile: str, dataset: str, recipe: str, seed: int):
+    return results_dir() / "study" / f"{dataset}-{profile}" / f"{recipe}-s{seed}.json"
+
+
+def _recipe_config(profile: str, dataset: str, recipe: str, seed: int, overrides: dict) -> Config:
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+    out = runs_dir() / "study" / f"{dataset}-{profile}" / f"{recipe}-s{seed}"
+    return make_config(profile, {**overrides, **RECIPES[recipe]}, dataset=dataset, method="mt", ratio=LOWEST_SHARE,
+                       seed=seed, out_dir=str(out))
+
+
+def run_recipe(profile: str, dataset: str, recipe: str, seed: int, overrides: dict | None = None) -> dict:
+    """Train (or reuse) one recipe run; returns and writes its study file."""
+    path = study_file(profile, dataset, recipe, seed)
+    if path.is_file():
+        return json.loads(path.read_text())
+    cfg = _recipe_config(profile, dataset, recipe, seed, dict(overrides or {}))
+    metrics = train_ssmis(cfg, progress=False)
+    history = pd.read_csv(cfg.out_dir + "/history.csv")
+    result = {**metrics, "recipe": recipe, "settings": RECIPES[recipe],
+              "curve_val_dice": history["val_dice"].tolist(),
+              "curve_teacher_dice": history["diag_teacher_dice"].tolist()}
+    atomic_write_json(path, result)
+    return result
+
+
+def _recipe_job(profile, dataset, recipe, seed, overrides, threads):
+    return run_recipe(profile, dataset, recipe, seed, {**overrides, "num_threads": threads})
+
+
+def run_study(profile: str, datasets: Iterable[str], seeds: Iterable[int], recipes: Iterable[str] = tuple(RECIPES),
+              *, workers: int = 1, overrides: dict | None = None) -> None:
+    """The labelled-only baselines (grid runs) first, then every missing recipe run, ``workers`` at a time."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    from tqdm.auto import tqdm
+
+    seeds, datasets, recipes = list(seeds), list(datasets), list(recipes)
+    base = [(d, "unet", LOWEST_SHARE, s) for s in seeds for d in datasets]
+    run_jobs(profile, base, workers=workers, overrides=overrides)
+    todo = [(d, r, s) for s in seeds for d in datasets for r in recipes if not study_file(profile, d, r, s).is_file()]
+    threads = max(1, (__import__("os").cpu_count() or 1) // max(workers, 1))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+        futures = [pool.submit(_recipe_job, profile, d, r, s, dict(overrides or {}), threads) for d, r, s in todo]
+        for fut in tqdm(as_completed(futures), total=len(futures), desc="recipe runs"):
+            fut.result()
+
+
+def load_study(profile: str) -> pd.DataFrame:
+    """Every recipe run plus the labelled-only runs of the same seeds at the lowest share, one row per run."""
+    rows = []
+    for path in sorted((results_dir() / "study").glob(f"*-{profile}/*.json")):
+        m = json.loads(path.read_text())
+        rows.append({"dataset": m["dataset"], "recipe": m["recipe"], "seed": m["seed"], "val_dice": m["val_dice"],
+                     "best_epoch": m["best_epoch"], "decline": m.get("pseudo_label_decline", False),
+                     "curve_val_dice": m["curve_val_dice"], "curve_teacher_dice": m["curve_teacher_dice"]})
+    study = pd.DataFrame(rows, columns=["dataset", "recipe", "seed", "val_dice", "best_epoch", "decline",
+                                        "curve_val_dice", "curve_teacher_dice"])
+    for dataset in sorted(set(study["dataset"])):
+        for seed in sorted(set(study.loc[study["dataset"] == dataset, "seed"])):
+            path = tables.run_file(profile, dataset, "unet", LOWEST_SHARE, seed)
+            if path.is_file():
+                m = json.loads(path.read_text())
+                study.loc[len(study)] = [dataset, "labelled-only", seed, m["val_dice"], m["best_epoch"], False,
+                                         None, None]
+    return study
+
+
+def summarise(study: pd.DataFrame) -> pd.DataFrame:
+    """Per data set and recipe: validation Dice (points) minus labelled-only, paired by seed, with its 95 % interval."""
+    out = []
+    for dataset, grp in study.groupby("dataset"):
+        base = grp[grp["recipe"] == "labelled-only"].assign(test_dice=lambda d: d["val_dice"])
+        for recipe, runs in grp[grp["recipe"] != "labelled-only"].groupby("recipe"):
+            d = paired_difference(runs.assign(test_dice=runs["val_dice"]), base)
+            out.append({"dataset": dataset, "recipe": recipe, "val_dice": 100 * runs["val_dice"].mean(),
+                        "minus_labelled_only": d["mean"], "ci_low": d["ci_low"], "ci_high": d["ci_high"],
+                        "n_pairs": d["n_pairs"], "declines": int(runs["decline"].sum()),
+                        "mean_best_epoch": runs["best_epoch"].mean()})
+    return pd.DataFrame(out, columns=["dataset", "recipe", "val_dice", "minus_labelled_only", "ci_low", "ci_high",
+                                      "n_pairs", "declines", "mean_best_epoch"])
+
+
+def choose(summary: pd.DataFrame) -> str:
+    """The recipe with the highest mean (over data sets) validation gain over labelled-only."""
+    if summary.empty:
+        raise ValueError("no recipe runs yet; run `python -m dusss study` first")
+    return str(summary.groupby("recipe")["minus_labelled_only"].mean().idxmax())
+
+
+def plot_curves(study: pd.DataFrame):
+    """Validation Dice and teacher pseudo-label Dice per epoch, mean over seeds, one line per recipe, per data set."""
+    import matplotlib.pyplot as plt
+
+    datasets = sorted(set(study["dataset"]))
+    fig, axes = plt.subplots(2, max(len(datasets), 1), figsize=(5 * max(len(datasets), 1), 6), squeeze=False)
+    for j, dataset in enumerate(datasets):
+        grp = study[(study["dataset"] == dataset) & (study["recipe"] != "labelled-only")]
+        for recipe, runs in grp.groupby("recipe"):
+            for i, key in enumerate(("curve_val_dice", "curve_teacher_dice")):
+                curves = pd.DataFrame(runs[key].tolist()).mean(axis=0)
+                axes[i, j].plot(range(1, len(curves) + 1), 100 * curves, label=recipe)
+        base = study[(study["dataset"] == dataset) & (study["recipe"] == "labelled-only")]
+        if len(base):
+            axes[0, j].axhline(100 * base["val_dice"].mean(), color="k", ls="--", label="labelled-only (best)")
+        axes[0, j].set(title=f"{dataset}: validation Dice", xlabel="epoch", ylabel="Dice")
+        axes[1, j].set(title=f"{dataset}: teacher pseudo-label Dice", xlabel="epoch", ylabel="Dice")
+    axes[0, 0].legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def run(args, cfg: Config) -> int:
+    """``python -m dusss study``: run the missing recipe runs, then print the summary and the chosen recipe."""
+    overrides = {k: v for k, v in parse_overrides(args.overrides).items()
+                 if k not in ("dataset", "seed", "ratio", "method")}
+    run_study(cfg.profile, args.datasets, parse_seeds(args.seeds), args.recipes or tuple(RECIPES),
+              workers=args.workers, overrides=overrides)
+    summary = summarise(load_study(cfg.profile))
+    path = results_dir() / f"{tagged('study_summary', cfg.profile)}.csv"
+    summary.to_csv(path, index=False)
+    print(summary.to_string(index=False))
+    print(f"chosen recipe (highest mean validation gain over labelled-only): {choose(summary)} -> {path}")
+    return 0

@@ -1,0 +1,99 @@
+"""The Step-2 method protocol: what the training loop hands a method each step, and what it gets back.
+
+The loop (:func:`dusss.ssmis.train_ssmis`) owns everything every method
+shares: data streams and their augmentation, the student U-Net and its
+optimiser and learning-rate schedule, the EMA teacher (Eq. 12) for methods that
+declare one, the frozen VLM's text-guided logits for methods that read text,
+validation, pseudo-label diagnostics, checkpoints, resume and early stopping.
+A method owns only its loss: :meth:`Method.step` receives a :class:`StepBatch`
+and the :class:`Models` and returns a :class:`StepOutput`; the loop then takes
+the optimiser step and the EMA update. It never branches on a method's name:
+what a method needs is read from its class attributes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from ..config import Config
+
+__all__ = ["StepBatch", "StepOutput", "Models", "Method"]
+
+
+@dataclass
+class StepBatch:
+    """One training step's inputs, already augmented and on the training device.
+
+    ``x_l`` (Bl, 3, H, W) labelled images in [0, 1], ``y_l`` (Bl, 1, H, W) their
+    masks; ``x_u`` (Bu, 3, H, W) unlabelled images (None for methods without
+    ``uses_unlabelled``); ``text_logits`` (Bu, 1, H, W) the frozen VLM's
+    ``z_text`` of each unlabelled image for its own report (Eq. 10; None unless
+    ``uses_text``). ``step`` counts optimiser steps taken before this one,
+    ``total_steps`` is the run's budget and ``epoch`` = ``step /
+    steps_per_epoch`` as a float (ramp-ups are written in epochs).
+    """
+
+    x_l: Tensor
+    y_l: Tensor
+    x_u: Tensor | None
+    text_logits: Tensor | None
+    step: int
+    total_steps: int
+    epoch: float
+
+
+@dataclass
+class StepOutput:
+    """What a step returns: ``loss`` to back-propagate into the student, ``sup`` its supervised part (logged),
+    ``terms`` further named scalars to log (``semi`` at least for semi-supervised methods) and ``weight`` the
+    consistency weight in force (0 for none)."""
+
+    loss: Tensor
+    sup: Tensor
+    terms: dict[str, Tensor] = field(default_factory=dict)
+    weight: float = 0.0
+
+
+@dataclass
+class Models:
+    """The networks of the loop: ``student`` (the U-Net that is validated, saved and tested), ``forward``
+    (the student, wrapped in DistributedDataParallel under torchrun: call it for gradients) and ``teacher``
+    (the EMA copy in train mode, i.e. batch statistics; None unless the method ``uses_teacher``)."""
+
+    student: nn.Module
+    forward: nn.Module
+    teacher: nn.Module | None
+
+
+@runtime_checkable
+class Method(Protocol):
+    """A Step-2 training method: one class, registered in :mod:`dusss.methods` under its ``name``.
+
+    Class attributes tell the loop what to provide: ``uses_unlabelled`` (an
+    unlabelled stream), ``uses_teacher`` (an EMA teacher, Eq. 12),
+    ``uses_text`` (the VLM's text-guided logits of each unlabelled image),
+    ``distributed`` (safe under torchrun/DDP). ``label`` is the row name in
+    tables and figures, ``summary`` one line for the CLI help. The constructor
+    takes ``(cfg, device)``; :meth:`state_dict` / :meth:`load_state_dict` hold
+    whatever the method keeps between steps (a second network, an RNG) so an
+    interrupted run resumes exactly.
+    """
+
+    name: ClassVar[str]
+    label: ClassVar[str]
+    summary: ClassVar[str]
+    uses_unlabelled: ClassVar[bool]
+    uses_teacher: ClassVar[bool]
+    uses_text: ClassVar[bool]
+    distributed: ClassVar[bool]
+
+    def __init__(self, cfg: Config, device: torch.device) -> None: ...
+
+    def step(self, models: Models, batch: StepBatch) -> StepOutput: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...

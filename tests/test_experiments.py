@@ -1,0 +1,74 @@
+"""The experiment harness: grid jobs, seeds, the pre-training share rule, the grid run for real (smoke), the study's
+summary and choice on made-up runs."""
+import json
+
+import pandas as pd
+import pytest
+
+from dusss import tables
+from dusss.config import make_config
+from dusss.experiments import grid, study
+from dusss.paths import default_vlm_checkpoint, pretrain_dir, pretrain_ratio
+
+
+def test_parse_seeds_ranges_and_lists():
+    assert grid.parse_seeds("666-668") == [666, 667, 668]
+    assert grid.parse_seeds("1,3, 5-6") == [1, 3, 5, 6]
+
+
+def test_grid_jobs_are_distinct_runs_with_seeds_outermost():
+    jobs = grid.grid_jobs("demo", ["sweep", "mt"], ["qata-synth"], [1, 2])
+    names = [tables.run_name(r, q, s) for _, r, q, s in jobs]
+    assert len(names) == len(set(names))  # the labelled-only cells both grids hold are one run
+    assert [s for *_, s in jobs] == sorted(s for *_, s in jobs)  # a grid stopped halfway has whole seeds
+    assert ("qata-synth", "mt", grid.LOWEST_SHARE, 1) in jobs and ("qata-synth", "unet100", 1.0, 2) in jobs
+    with pytest.raises(ValueError, match="unknown grid"):
+        grid.grid_jobs("demo", ["tabel1"], ["qata-synth"], [1])
+
+
+def test_vlm_of_a_share_below_the_pretraining_share_has_its_own_folder():
+    assert pretrain_ratio(0.5) == 0.25 and pretrain_ratio(0.05) == 0.05
+    at = {q: default_vlm_checkpoint(make_config("smoke", method="dusss", ratio=q)) for q in (0.05, 0.25, 0.5)}
+    assert at[0.25] == at[0.5] != at[0.05]
+    # the pre-training run writes where the Step-2 run looks
+    assert pretrain_dir(make_config("smoke", ratio=0.05)) / "vlm.pt" == at[0.05]
+    assert pretrain_dir(make_config("smoke", ratio=0.25)) / "vlm.pt" == at[0.25]
+
+
+def test_grid_runs_missing_runs_and_skips_finished_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("DUSSS_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("DUSSS_RUNS", str(tmp_path / "runs"))
+    overrides = {"data_root": str(tmp_path / "data"), "epochs": 1}
+    jobs = [("qata-synth", "unet", 0.5, 5), ("qata-synth", "unet100", 1.0, 5)]
+    done = grid.run_jobs("smoke", jobs, workers=1, overrides=overrides, progress=False)
+    assert len(done) == 2
+    for job in jobs:
+        result = json.loads(tables.run_file("smoke", *job).read_text())
+        assert 0.0 <= result["test_dice"] <= 1.0 and not result["out_dir"].startswith("/work")
+    assert grid.run_jobs("smoke", jobs, workers=1, overrides=overrides, progress=False) == []  # nothing left to do
+
+
+def _study_frame():
+    rows = []
+    for seed, base in zip((1, 2, 3), (0.60, 0.62, 0.58)):
+        rows.append(("qata-synth", "labelled-only", seed, base))
+        rows.append(("qata-synth", "good", seed, base + 0.02 + 0.001 * seed))
+        rows.append(("qata-synth", "bad", seed, base - 0.03))
+    frame = pd.DataFrame(rows, columns=["dataset", "recipe", "seed", "val_dice"])
+    return frame.assign(best_epoch=10, decline=False, curve_val_dice=None, curve_teacher_dice=None)
+
+
+def test_study_summary_pairs_by_seed_and_chooses_the_best_validation_gain():
+    summary = study.summarise(_study_frame()).set_index("recipe")
+    assert summary.loc["good", "minus_labelled_only"] == pytest.approx(2.2)
+    assert summary.loc["good", "ci_low"] > 0 and summary.loc["bad", "ci_high"] < 0  # paired: seed effects cancel
+    assert summary.loc["bad", "minus_labelled_only"] == pytest.approx(-3.0)
+    assert study.choose(study.summarise(_study_frame())) == "good"
+    with pytest.raises(ValueError, match="no recipe runs"):
+        study.choose(study.summarise(_study_frame().iloc[:0]))
+
+
+def test_every_recipe_is_a_valid_config():
+    for name in study.RECIPES:
+        cfg = study._recipe_config("smoke", "qata-synth", name, 1, {})
+        assert cfg.method == "mt" and cfg.ratio == grid.LOWEST_SHARE
