@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 venv: $(STAMP)
 
 # requirements-nodeps.txt holds packages whose declared dependencies we do not
-# want (see README, "Installation"); they are installed with --no-deps.
+# want (see docs/installation.md); they are installed with --no-deps.
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip

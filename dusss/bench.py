@@ -474,7 +474,7 @@ def _machine(device: torch.device) -> str:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """The benchmark dict as a Markdown table (the one the README quotes)."""
+    """The benchmark dict as a Markdown table (the one docs/speed.md quotes)."""
     t, u, v, d = result["text_guidance"], result["unet_flops"], result["vlm_pretrain"], result["loader"]
     s = t["step_seconds"]
     rows = [

@@ -7,7 +7,7 @@ Step 1 (VLM pre-training): :class:`SSSInfoNCE` (Eqs. 5-7),
 :class:`TextGuidedSemiLoss` (Eqs. 15-17), :func:`ema_update` (Eq. 12),
 :func:`sigmoid_rampup` (not in the paper).
 
-Conventions (README, "Deviations, by part"): the InfoNCE temperature is one
+Conventions (docs/deviations.md): the InfoNCE temperature is one
 learnable ``log(1/τ)`` per loss, initialised at ``τ = 0.07`` and clamped so
 ``1/τ <= 100`` (CLIP); the optional ``positive_mask`` marks several positives
 per row (e.g. identical reports) and uses the multi-positive InfoNCE

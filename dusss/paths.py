@@ -1,7 +1,7 @@
 """Where runs, results and checkpoints live, so notebooks find each other's outputs.
 
 Checkpoints and executed notebooks go under ``runs/`` (ignored by git);
-``results/`` and ``figures/`` hold what the README quotes. Outputs of any profile
+``results/`` and ``figures/`` hold what docs/ quotes. Outputs of any profile
 other than ``demo`` carry the profile in their name (``*_smoke.json``), so a CI
 or smoke run never overwrites the committed demo results.
 """

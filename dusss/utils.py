@@ -50,8 +50,8 @@ def amp_enabled(amp: str, device: torch.device | str) -> bool:
     """Whether ``Config.amp`` turns bfloat16 autocast on for ``device``.
 
     ``"auto"``: on for CUDA devices that support bfloat16, off on the CPU (where
-    bf16 is emulated, and slower, unless the CPU has AVX-512 BF16 / AMX: README,
-    Speed); ``"bf16"``: always; ``"off"``: never.
+    bf16 is emulated, and slower, unless the CPU has AVX-512 BF16 / AMX: docs/speed.md);
+    ``"bf16"``: always; ``"off"``: never.
     """
     device = torch.device(device)
     if amp == "off":

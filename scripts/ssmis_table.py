@@ -1,4 +1,4 @@
-"""The README's Step-2 table: dusss / mt / supervised at 25 % and 50 % labels, from results files.
+"""Notebook 03's Step-2 table (docs/step2_ssmis.md): dusss / mt / supervised at 25 % and 50 % labels, from results files.
 
 Runs ``train_ssmis`` for every (ratio, method) pair at one profile (finished
 runs in ``runs/ssmis/...`` are reused, interrupted ones resume), pre-trains the

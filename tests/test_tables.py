@@ -1,5 +1,5 @@
 """Grid runner (real tiny smoke runs), table renderer (mean ± std), paired differences (95 % t-interval),
-label-efficiency figure, complexity, cost and README generation."""
+label-efficiency figure, complexity, cost and the generated tables page."""
 import json
 
 import numpy as np
@@ -165,11 +165,11 @@ def test_component_effects_pair_rows_that_differ_in_one_switch_and_compare_signs
     assert "| qata-synth | DCL | Mean Teacher → DCL | -2.00 (1) | +0.49 | **no** | no interval (1 seed) |" in md
     assert "SE" not in md.split("\n")[0]
     T.write_outputs(t, "demo")
-    readme = tmp_outputs / "README.md"
-    readme.write_text("## Tables 1 and 2\n<!-- section:tables -->\n")
-    block = T.write_readme_section("demo", readme)
-    assert "Does each component help?" in block and "95 % t-interval" in block
-    assert "standard error" not in block and "SE)" not in block
+    page = tmp_outputs / "docs" / "tables_generated.md"
+    text = T.write_results_page("demo", page)
+    assert page.read_text() == text
+    assert "Does each component help?" in text and "95 % t-interval" in text
+    assert "standard error" not in text and "SE)" not in text
 
 
 def test_component_effects_say_helps_or_hurts_only_when_the_interval_excludes_zero(tmp_outputs):
@@ -220,10 +220,9 @@ def test_row_contrasts_pair_seeds_at_the_same_label_share_and_match_the_full_lab
     bars = ax.containers[0].lines[2][0].get_segments()  # the whiskers, top line first: DuSSS − MT at 50 %
     assert any(seg[:, 0] == pytest.approx([half["ci_low"], half["ci_high"]]) for seg in bars)
     assert any("95 % t-interval" in text.get_text() for text in ax.get_legend().get_texts())
-    readme = tmp_outputs / "README.md"
-    readme.write_text("## Tables 1 and 2\n<!-- section:tables -->\n")
-    block = T.write_readme_section("demo", readme)
-    assert block.index("Table 1 (comparison)") < block.index("Table 1 as differences") < block.index("Table 2 (")
+    text = T.write_results_page("demo", tmp_outputs / "docs" / "tables_generated.md")
+    assert text.index("Table 1 (comparison)") < text.index("Table 1 as differences") < text.index("Table 2 (")
+    assert "![paired differences" in text  # the forest plot, linked relative to the page
 
 
 def test_headline_contrasts_cover_every_label_share_of_the_runs():
@@ -274,7 +273,7 @@ def test_label_efficiency_figure_has_a_line_and_band_per_row_and_the_full_label_
     assert pd.read_csv(paths["efficiency_csv"])["n_seeds"].sum() == 2 * (3 * 4 + 1)
 
 
-def test_coverage_names_every_cell_that_lacks_a_seed_and_opens_the_readme_block(tmp_outputs):
+def test_coverage_names_every_cell_that_lacks_a_seed_and_opens_the_results_page(tmp_outputs):
     for seed in (1, 2):
         _fake_run("demo", "qata-synth", "mt", 0.5, seed, 0.7, 0.6)
         _fake_run("demo", "qata-synth", "dusss", 0.5, seed, 0.7, 0.6)
@@ -297,10 +296,9 @@ def test_coverage_names_every_cell_that_lacks_a_seed_and_opens_the_readme_block(
     T.write_outputs(without, "demo")  # no coverage asked for: the older paragraph is removed, not left stale
     assert not (tmp_outputs / "results" / "04_coverage.md").exists()
     T.write_outputs(full, "demo")
-    readme = tmp_outputs / "README.md"
-    readme.write_text("## Tables 1 and 2\n<!-- section:tables -->\n")
-    block = T.write_readme_section("demo", readme)
-    assert block.splitlines()[1].startswith("**Coverage**: 6 runs")
+    text = T.write_results_page("demo", tmp_outputs / "docs" / "tables_generated.md")
+    coverage_line = next(line for line in text.splitlines() if line.startswith("**Coverage**"))
+    assert coverage_line.startswith("**Coverage**: 6 runs") and text.index(coverage_line) < text.index("## Table 1")
 
 
 def test_paper_tables_typed_as_printed():
@@ -336,24 +334,32 @@ def test_grid_cost_counts_distinct_runs():
     assert total["wall_hours"] == pytest.approx(total["hours"] / 2)  # two runs at a time
 
 
-def test_readme_section_is_generated_between_markers(tmp_outputs):
+def test_results_page_is_rebuilt_whole_in_docs_and_the_readme_is_never_touched(tmp_outputs, monkeypatch):
+    monkeypatch.setattr(T, "repo_root", lambda: tmp_outputs)  # the default page: <checkout>/docs/tables_generated.md
+    readme = tmp_outputs / "README.md"
+    readme.write_text("# x\n## Tables 1 and 2\n<!-- section:tables -->\nhand text\n")
+    with pytest.raises(FileNotFoundError, match="04_ablation"):  # no tables rendered yet
+        T.write_results_page("demo")
     _fake_run("demo", "qata-synth", "mt", 0.5, 1, 0.6, 0.5)
     t = T.render_tables(T.load_runs("demo"), table1_rows=["mt"], table1_ratios=[0.5], table2_rows=["mt"])
     T.write_outputs(t, "demo")
-    readme = tmp_outputs / "README.md"
-    readme.write_text("# x\n## Tables 1 and 2\n<!-- section:tables -->\nhand text\n## Next\n")
-    T.write_readme_section("demo", readme)
-    first = readme.read_text()
-    assert "60.00 (1 seed)" in first and first.index("<!-- section:tables -->") < first.index(T.BEGIN)
-    assert first.count(T.BEGIN) == 1 and "hand text" in first and "## Next" in first
+    page = tmp_outputs / "docs" / "tables_generated.md"
+    first = T.write_results_page("demo")
+    assert page.read_text() == first and first.startswith("# Tables 1 and 2") and T.GENERATED_NOTE in first
+    assert "60.00 (1 seed)" in first and "[results.md](results.md)" in first
+    # every paper row without an implementation is named as typed only, and no implemented one is
+    line = next(x for x in first.splitlines() if x.startswith("**Not measured here.**"))
+    listed = line.split("Table 1 rows ", 1)[1].split(" have no implementation", 1)[0].split(", ")
+    assert listed == ["CLIP", "ViLT", "CCT", "MC-Net", "SS-Net", "LViT", "CMITM", "ASG", "MGCA"]
+    page.write_text(first + "hand edit\n")
     _fake_run("demo", "qata-synth", "mt", 0.5, 2, 0.7, 0.6)
     T.write_outputs(T.render_tables(T.load_runs("demo"), table1_rows=["mt"], table1_ratios=[0.5],
                                     table2_rows=["mt"]), "demo")
-    T.write_readme_section("demo", readme)
-    second = readme.read_text()
-    assert second.count(T.BEGIN) == 1 and "65.00 ± 7.07" in second and "60.00 (1 seed)" not in second
-    with pytest.raises(ValueError, match="section:tables"):
-        T.write_readme_section("demo", tmp_outputs / "results" / "04_table1.md")
+    second = T.write_results_page("demo", extra="a closing note")
+    assert page.read_text() == second and "hand edit" not in second  # rewritten whole, never patched
+    assert "65.00 ± 7.07" in second and "60.00 (1 seed)" not in second and second.endswith("a closing note\n")
+    assert readme.read_text() == "# x\n## Tables 1 and 2\n<!-- section:tables -->\nhand text\n"
+    assert sorted(p.name for p in (tmp_outputs / "docs").iterdir()) == ["tables_generated.md"]
 
 
 def test_grid_adopts_runs_finished_outside_it_without_training(tmp_outputs):

