@@ -48,7 +48,7 @@ class Config:
     """All settings of DuSSS runs (defaults = the ``demo`` profile).
 
     Paper symbols are named in the comments; values the paper leaves open are
-    documented in the README's "Deviations" section.
+    documented in docs/deviations.md.
     """
 
     # ---- run -------------------------------------------------------------
