@@ -376,7 +376,7 @@ def _loader_section(cfg: Config, mat: dict, step_seconds: float, n_batches: int)
               "unl": _Stream(len(mat["unl"]), cfg.unlabeled_bs, cfg.seed + 1)}
     _pipeline_batch(mat, cfg, stream)  # warm-up
     times = []
-    for _ in range(max(n_batches, 5)):
+    for _ in range(max(n_batches, 20)):  # a median over many batches: one slow batch under load moves nothing
         t0 = time.perf_counter()
         _pipeline_batch(mat, cfg, stream)
         times.append(time.perf_counter() - t0)
