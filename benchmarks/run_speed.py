@@ -88,10 +88,11 @@ print(json.dumps({"threads": torch.get_num_threads(), "step_seconds": statistics
 """
 
 
-def _parallel(threads: int) -> list[dict]:
+def _parallel(threads: int, n: int = 2) -> list[dict]:
+    """The step time in each of ``n`` processes started together with ``threads`` torch threads (0: default)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     procs = [subprocess.Popen([sys.executable, "-c", STEP_CHILD, str(threads)], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+                              stdout=subprocess.PIPE, text=True) for _ in range(n)]
     return [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
 
 
@@ -99,7 +100,7 @@ def parallel() -> int:
     load = os.getloadavg()[0]
     default = _parallel(0)
     split = _parallel(max(1, (os.cpu_count() or 1) // 2))
-    single = _parallel_one()
+    single = _parallel(0, n=1)[0]["step_seconds"]
     path = ROOT / "results" / "bench.json"
     bench = json.loads(path.read_text()) if path.is_file() else {}
     med = {"two_workers_default_threads": max(r["step_seconds"] for r in default),
@@ -112,13 +113,6 @@ def parallel() -> int:
           f"{default[0]['threads']} threads each, {med['two_workers_split_threads']:.3f} s with {split[0]['threads']} "
           f"each; one run alone: {single:.3f} s -> {path}")
     return 0
-
-
-def _parallel_one() -> float:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", STEP_CHILD, "0"], cwd=ROOT, env=env, check=True, capture_output=True,
-                         text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["step_seconds"]
 
 
 def main() -> int:

@@ -186,6 +186,12 @@ def _ssmis_material(cfg: Config, device: torch.device, n_batches: int):
             "cache_seconds_per_image": cache_s / max(len(unl), 1), "n_unlabelled_total": len(data.unlabelled)}
 
 
+def _streams(mat: dict, cfg: Config) -> dict[str, _Stream]:
+    """The loop's two index streams over the benchmark's labelled and unlabelled images."""
+    return {"lab": _Stream(len(mat["lab"]), cfg.labeled_bs, cfg.seed),
+            "unl": _Stream(len(mat["unl"]), cfg.unlabeled_bs, cfg.seed + 1)}
+
+
 def _pipeline_batch(mat: dict, cfg: Config, stream: dict) -> tuple[dict, dict]:
     """One labelled and one unlabelled batch as the training loop makes them (index, decode from uint8, augment)."""
     idx = stream["lab"].next()
@@ -199,8 +205,7 @@ def _pipeline_batch(mat: dict, cfg: Config, stream: dict) -> tuple[dict, dict]:
 
 
 def _batches(mat: dict, cfg: Config, n: int) -> tuple[list[dict], list[dict]]:
-    stream = {"lab": _Stream(len(mat["lab"]), cfg.labeled_bs, cfg.seed),
-              "unl": _Stream(len(mat["unl"]), cfg.unlabeled_bs, cfg.seed + 1)}
+    stream = _streams(mat, cfg)
     pairs = [_pipeline_batch(mat, cfg, stream) for _ in range(n)]
     return [a for a, _ in pairs], [b for _, b in pairs]
 
@@ -372,8 +377,7 @@ def _vlm_section(cfg: Config, device: torch.device, mat: dict, repeats: int, war
 def _loader_section(cfg: Config, mat: dict, step_seconds: float, n_batches: int) -> dict[str, Any]:
     """Images/s of the loop's batch pipeline (both streams: index, uint8 -> float, batched augmentation of
     images, masks and cached maps) next to the images/s the training step consumes."""
-    stream = {"lab": _Stream(len(mat["lab"]), cfg.labeled_bs, cfg.seed),
-              "unl": _Stream(len(mat["unl"]), cfg.unlabeled_bs, cfg.seed + 1)}
+    stream = _streams(mat, cfg)
     _pipeline_batch(mat, cfg, stream)  # warm-up
     times = []
     for _ in range(max(n_batches, 20)):  # a median over many batches: one slow batch under load moves nothing

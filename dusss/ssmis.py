@@ -65,7 +65,7 @@ from .data.augment import apply_params_batch
 from .data.prepare import resolve_dataset
 from .distributed import DistInfo, ddp_wrap, init_distributed, is_main_process, quiet_non_main, save_on_main, sync_buffers
 from .errors import MissingCheckpointError
-from .evaluate import _config_from_dict, evaluate_model, load_student
+from .evaluate import evaluate_model, load_student
 from .losses import ema_update
 from .methods import METHODS, Method, Models, StepBatch, get_method
 from .metrics import binarize, dice_of_masks

@@ -19,7 +19,6 @@ prints the jobs and the measured cost of the ones already run.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -28,7 +27,7 @@ from typing import Iterable
 
 from tqdm.auto import tqdm
 
-from ..config import Config, make_config, parse_overrides
+from ..config import Config, parse_overrides
 from ..paths import default_vlm_checkpoint
 from ..utils import get_logger
 from .. import tables
@@ -116,24 +115,26 @@ def run_jobs(profile: str, jobs: list[tuple], *, workers: int = 1, overrides: di
                 vlms.setdefault(str(default_vlm_checkpoint(cfg)), (dataset, row, share, seed))
     log.info("grid: %d of %d runs to do (%d VLMs to pre-train first), %d worker(s) x %d thread(s)", len(todo),
              len(jobs), len(vlms), workers, threads)
-    results: list[dict] = []
-    ctx = get_context("spawn")
-    for phase, items, fn in (("pre-train VLMs", list(vlms.values()), _pretrain_job), ("grid runs", todo, _run_job)):
-        if not items:
-            continue
-        if workers == 1:
-            for job in tqdm(items, desc=phase, disable=not progress):
-                out = fn(profile, *job, overrides, threads)
-                if fn is _run_job:
-                    results.append(out)
-            continue
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, max_tasks_per_child=1) as pool:
-            futures = {pool.submit(fn, profile, *job, overrides, threads): job for job in items}
-            for fut in tqdm(as_completed(futures), total=len(futures), desc=phase, disable=not progress):
-                out = fut.result()  # a failed run stops the grid with its error; finished runs stay saved
-                if fn is _run_job:
-                    results.append(out)
-    return results
+    _in_pool(_pretrain_job, profile, list(vlms.values()), overrides, workers, "pre-train VLMs", progress)
+    return _in_pool(_run_job, profile, todo, overrides, workers, "grid runs", progress)
+
+
+def _in_pool(fn, profile: str, items: list[tuple], overrides: dict, workers: int, desc: str,
+             progress: bool = True) -> list:
+    """``fn(profile, *item, overrides, threads)`` for every item, ``workers`` processes at a time (each a fresh
+    spawned process with ``cores // workers`` threads; in this process when ``workers`` is 1); the results.
+
+    A failed item stops the loop with its error; what finished before stays saved by ``fn``.
+    """
+    if not items:
+        return []
+    threads = _threads(workers)
+    if workers == 1:
+        return [fn(profile, *item, overrides, threads) for item in tqdm(items, desc=desc, disable=not progress)]
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+        futures = [pool.submit(fn, profile, *item, overrides, threads) for item in items]
+        return [f.result() for f in tqdm(as_completed(futures), total=len(futures), desc=desc,
+                                         disable=not progress)]
 
 
 def run(args, cfg: Config) -> int:

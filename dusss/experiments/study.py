@@ -27,7 +27,7 @@ from ..ssmis import train_ssmis
 from ..stats import paired_difference
 from ..utils import atomic_write_json, get_logger
 from .. import tables
-from .grid import LOWEST_SHARE, parse_seeds, run_jobs
+from .grid import LOWEST_SHARE, _in_pool, parse_seeds, run_jobs
 
 __all__ = ["RECIPES", "study_file", "run_recipe", "run_study", "load_study", "summarise", "choose", "plot_curves",
            "run"]
@@ -81,20 +81,11 @@ def _recipe_job(profile, dataset, recipe, seed, overrides, threads):
 def run_study(profile: str, datasets: Iterable[str], seeds: Iterable[int], recipes: Iterable[str] = tuple(RECIPES),
               *, workers: int = 1, overrides: dict | None = None) -> None:
     """The labelled-only baselines (grid runs) first, then every missing recipe run, ``workers`` at a time."""
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from multiprocessing import get_context
-
-    from tqdm.auto import tqdm
-
     seeds, datasets, recipes = list(seeds), list(datasets), list(recipes)
     base = [(d, "unet", LOWEST_SHARE, s) for s in seeds for d in datasets]
     run_jobs(profile, base, workers=workers, overrides=overrides)
     todo = [(d, r, s) for s in seeds for d in datasets for r in recipes if not study_file(profile, d, r, s).is_file()]
-    threads = max(1, (__import__("os").cpu_count() or 1) // max(workers, 1))
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
-        futures = [pool.submit(_recipe_job, profile, d, r, s, dict(overrides or {}), threads) for d, r, s in todo]
-        for fut in tqdm(as_completed(futures), total=len(futures), desc="recipe runs"):
-            fut.result()
+    _in_pool(_recipe_job, profile, todo, dict(overrides or {}), workers, "recipe runs")
 
 
 def load_study(profile: str) -> pd.DataFrame:
