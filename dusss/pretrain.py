@@ -22,7 +22,6 @@ names the same lung zones.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import math
 import time
 from collections import defaultdict
@@ -36,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, resume_differences
 from .data.prepare import ensure_dataset, resolve_dataset
 from .losses import DualContrastiveLoss, SupervisedSegLoss, TextGuidedLoss, mask_pool
 from .metrics import dice_iou_per_image, dice_of_masks
@@ -53,10 +52,6 @@ __all__ = ["pretrain", "run", "evaluate_vlm", "MaskReferences", "photometric_vie
 log = get_logger(__name__)
 
 # keys that may differ between an interrupted run and the call that resumes it
-_RESUMABLE_KEYS = {"vlm_epochs", "device", "num_threads", "num_workers", "out_dir", "data_root"}
-# keys outside the Step-1 block of the config that change what Step 1 learns
-_STEP1_DATA_KEYS = ("seed", "dataset", "image_size", "synth_train", "synth_val", "synth_test", "synth_size",
-                    "nuclei_patch", "ratio", "augment")
 N_PARAPHRASES = 4  # second-view reports drawn per distinct training report
 
 
@@ -340,17 +335,9 @@ def _read_history(path: Path) -> list[dict[str, Any]]:
                 for row in csv.DictReader(fh)]
 
 
-def _step1_keys() -> list[str]:
-    """The config keys a Step-1 run depends on: its own block (``text_model`` .. before ``method``) and the data."""
-    names = [f.name for f in dataclasses.fields(Config)]
-    return list(_STEP1_DATA_KEYS) + names[names.index("text_model"):names.index("method")]
-
-
 def _check_resumable(saved: dict[str, Any], cfg: Config, folder: Path) -> None:
     # Step-2 keys never invalidate a Step-1 run; keys added to the config later count as unchanged
-    from .config import config_differences
-
-    diff = config_differences(saved, cfg, set(_step1_keys()) - _RESUMABLE_KEYS)
+    diff = resume_differences(saved, cfg, 1)
     if diff:
         raise ConfigError(f"{folder} holds a pre-training run with other settings ({', '.join(diff)} differ); "
                           "choose another --out folder, or delete that run folder (written by dusss) to start afresh")

@@ -43,10 +43,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import json
 import math
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +57,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .config import Config, ConfigError, config_differences
+from .config import Config, ConfigError, resume_differences
 from .data import JointAugment, LViTDataset, default_augment, ensure_dataset, split_for, text_mode_for
 from .data.augment import apply_params_batch
 from .data.prepare import resolve_dataset
@@ -85,9 +83,6 @@ log = get_logger(__name__)
 FLAT_TEXT_LOGIT = 0.5  # |z_text| below this = "the text map says nothing here" (sigmoid within 0.38..0.62)
 
 # Keys that may differ when a run is resumed from its last.pt (they change how, not what, is computed).
-_RESUME_FREE_KEYS = {"epochs", "patience", "min_epochs", "resume", "device", "amp", "num_threads", "num_workers",
-                     "out_dir", "data_root", "vlm_checkpoint", "guard_epochs", "channels_last"}
-
 
 # ---------------------------------------------------------------------------- data
 @dataclass
@@ -357,15 +352,9 @@ def _vlm_digest(cfg: Config) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def _step1_keys() -> set[str]:
-    """The Config fields of the Step-1 block: they shape the VLM, which a run identifies by its file digest instead."""
-    block = inspect.getsource(Config).split("---- step 1")[1].split("---- step 2")[0]
-    return set(re.findall(r"^\s+(\w+):", block, flags=re.M))
-
-
 def _check_resumable(saved: dict, cfg: Config, path: Path) -> None:
     now = cfg.to_dict()
-    diff = config_differences(saved, cfg, set(now) - _RESUME_FREE_KEYS - _step1_keys())
+    diff = resume_differences(saved, cfg, 2)  # Step-1 keys: the VLM is identified by its file digest instead
     if diff:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff[:4])
         raise ConfigError(f"{path} belongs to a run with other settings ({details}); choose another out_dir "
@@ -415,6 +404,9 @@ def train_ssmis(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         ddp = ", ".join(name for name, cls in METHODS.items() if cls.distributed)
         raise ConfigError(f"method={cfg.method!r} does not run under torchrun yet (only {ddp}); start it as a "
                           "single process")
+    if info.distributed and cfg.bn_batch == "separate":
+        raise ConfigError("bn_batch='separate' runs as a single process only (two student forwards per step do not "
+                          "fit DistributedDataParallel); use bn_batch=joint under torchrun")
     with quiet_non_main():
         return _train_ssmis(resolve_dataset(cfg), method_cls, info, progress=progress and info.is_main)
 

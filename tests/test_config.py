@@ -135,3 +135,38 @@ def test_amp_auto_means_bf16_on_cuda_only_and_bad_values_are_rejected():
     saved = {k: v for k, v in cfg.to_dict().items() if k != "amp"}
     assert config_differences(saved, cfg, ["amp", "ratio"]) == []
     assert config_differences({**saved, "ratio": 0.5}, cfg, ["amp", "ratio"]) == ["ratio"]
+
+
+def test_every_field_declares_which_step_it_changes_and_step_keys_read_those_declarations():
+    from dataclasses import fields
+
+    from dusss.config import step_keys
+
+    undeclared = [f.name for f in fields(Config) if "steps" not in f.metadata]
+    assert not undeclared, f"declare these fields with _shared/_step1/_step2/_ops: {undeclared}"
+    one, two = step_keys(1), step_keys(2)
+    assert {"seed", "data_seed", "dataset", "ratio", "text_model", "use_sss", "vlm_epochs"} <= one
+    assert {"seed", "data_seed", "dataset", "ratio", "method", "lr", "cons_weight", "epochs"} <= two
+    assert not one & {"method", "lr", "device", "out_dir"} and not two & {"text_model", "use_sss", "device"}
+    # resume=True leaves out only what a resumed run may change: its length
+    assert one - step_keys(1, resume=True) == {"vlm_epochs"}
+    assert two - step_keys(2, resume=True) == {"epochs", "patience", "min_epochs", "guard_epochs"}
+    with pytest.raises(ValueError, match="step"):
+        step_keys(3)
+
+
+def test_one_resume_rule_for_both_steps_counts_the_data_seed(tmp_path):
+    from dusss import pretrain, ssmis
+    from dusss.config import resume_differences
+
+    saved = make_config("smoke").to_dict()
+    assert resume_differences(saved, make_config("smoke", vlm_epochs=9, epochs=9, device="cpu"), 1) == []
+    assert resume_differences(saved, make_config("smoke", epochs=9, patience=9, num_threads=1), 2) == []
+    for step, check in ((1, pretrain._check_resumable), (2, ssmis._check_resumable)):
+        other = make_config("smoke", data_seed=5)
+        assert resume_differences(saved, other, step) == ["data_seed"]
+        with pytest.raises(ConfigError, match="data_seed"):
+            check(saved, other, tmp_path)
+    # a key the saved run does not know yet (added to Config later) counts as unchanged
+    old = {k: v for k, v in saved.items() if k != "bn_batch"}
+    assert resume_differences(old, make_config("smoke"), 2) == []

@@ -249,6 +249,21 @@ def test_mean_teacher_step_feeds_the_teacher_a_noisy_view_and_the_student_the_cl
     assert 0 < out.weight < cfg.cons_weight  # ramping up
 
 
+@pytest.mark.parametrize("bn_batch", ["joint", "separate"])
+def test_bn_batch_decides_whether_unlabelled_images_shift_the_labelled_images_normalisation(bn_batch):
+    cfg = make_config("smoke", image_size=16, unet_base=4, method="mt", perturb="none", bn_batch=bn_batch)
+    torch.manual_seed(0)
+    student, teacher = build_unet(cfg), build_unet(cfg)
+    x_l, y_l = torch.rand(2, 3, 16, 16), (torch.rand(2, 1, 16, 16) > 0.6).float()
+    sups = []
+    for x_u in (torch.rand(2, 3, 16, 16), 5 * torch.rand(2, 3, 16, 16) - 2):  # two very different unlabelled batches
+        out = MeanTeacher(cfg, torch.device("cpu")).step(Models(student, student, teacher),
+                                                         StepBatch(x_l, y_l, x_u, None, 3, 40, 0.5))
+        sups.append(float(out.sup))
+    # the supervised loss reads the labelled logits: joint BatchNorm mixes in the unlabelled batch's statistics
+    assert (sups[0] == pytest.approx(sups[1], abs=1e-6)) == (bn_batch == "separate")
+
+
 def test_decline_streak_counts_consecutive_falls_at_the_end():
     assert decline_streak([]) == 0 and decline_streak([0.5]) == 0
     assert decline_streak([0.5, 0.6, 0.55, 0.5, 0.4]) == 3

@@ -44,6 +44,8 @@ RECIPES: dict[str, dict] = {
     "mse-w0.1-noise0.3": dict(perturb="noise", noise_std=0.3, cons_loss="mse", cons_weight=0.1, rampup_epochs=20.0),
     "mse-w0.1-strong": dict(perturb="strong", noise_std=0.1, cons_loss="mse", cons_weight=0.1, rampup_epochs=20.0),
     "bce-w0.1-noise": dict(perturb="noise", noise_std=0.1, cons_loss="bce", cons_weight=0.1, rampup_epochs=20.0),
+    "mse-w0.1-noise-sepbn": dict(perturb="noise", noise_std=0.1, cons_loss="mse", cons_weight=0.1, rampup_epochs=20.0,
+                                 bn_batch="separate"),
 }
 
 

@@ -3,9 +3,14 @@
 The student learns from the labelled images with ``L_sup`` (Eq. 14) and from
 the unlabelled ones by consistency with the EMA teacher's prediction (Eqs.
 12-13) on a perturbed view (:mod:`dusss.methods.consistency`: ``perturb``,
-``noise_std``, ``cons_loss``, ``cons_weight``, ``rampup_epochs``). Labelled
-and unlabelled images go through the student as one batch, so BatchNorm sees
-both (as in Mean Teacher).
+``noise_std``, ``cons_loss``, ``cons_weight``, ``rampup_epochs``). With
+``bn_batch="joint"`` (default, as in Mean Teacher and SSL4MIS) labelled and
+unlabelled images go through the student as one batch, so BatchNorm
+normalises them together; ``"separate"`` forwards them as two batches, for
+data whose labelled and unlabelled batches can differ in stain or modality
+(``nuclei-real`` mixes H&E and fluorescence). ``"separate"`` runs as a single
+process only (two forwards before one backward do not fit
+DistributedDataParallel's gradient hooks).
 """
 from __future__ import annotations
 
@@ -45,7 +50,10 @@ class MeanTeacher:
     def step(self, models: Models, batch: StepBatch) -> StepOutput:
         x_s, x_t = self.perturb.views(batch.x_u)  # (Bu, 3, H, W) student / teacher views
         n_l = len(batch.x_l)
-        z = models.forward(torch.cat([batch.x_l, x_s])).float()  # (Bl + Bu, 1, H, W): one BatchNorm batch
+        if self.cfg.bn_batch == "separate":
+            z = torch.cat([models.forward(batch.x_l), models.forward(x_s)]).float()  # two BatchNorm batches
+        else:
+            z = models.forward(torch.cat([batch.x_l, x_s])).float()  # (Bl + Bu, 1, H, W): one BatchNorm batch
         with torch.no_grad():
             z_teacher = models.teacher(x_t).float()  # (Bu, 1, H, W) Eq. 13 pseudo-label logits
         terms = self.semi(z[n_l:], z_teacher, self.targets_text(batch), return_dict=True)
