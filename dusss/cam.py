@@ -21,34 +21,34 @@ and turns the pictures into numbers over a whole split:
   (:func:`activation_share`) and the pointing game (the arg-max inside the mask,
   :func:`dusss.pretrain.pointing_game`).
 
-For Fig. 4, :func:`comparison_configs` names the Step-2 runs compared (Mean
-Teacher, BCP when the SSMIS code has it, DuSSS guided by the CLIP-style VLM,
-DuSSS), :func:`ensure_vlms` and :func:`ensure_comparison_models` train the
-missing VLMs and runs,
-:func:`select_by_quantiles` picks the test images by a fixed rule and
-:func:`plot_qualitative_grid` draws them.
+For Fig. 4, :func:`select_by_quantiles` picks the test images by a fixed
+rule, :func:`predict_masks` segments them and :func:`plot_qualitative_grid`
+draws them. Which models Fig. 4 compares and which VLMs Fig. 5 explains (and
+training them when missing) is the harness's: :mod:`dusss.experiments.figures`.
 """
 from __future__ import annotations
 
 import itertools
 import math
-from pathlib import Path
+import textwrap
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-from .config import Config
-from .methods import METHODS
-from .paths import default_vlm_checkpoint, pretrain_ratio, runs_dir, ssmis_dir
+from .data import paraphrase
+from .metrics import binarize
+from .pretrain import pointing_game
 from .utils import get_logger
 
 __all__ = [
     "CAM_METHODS", "TEXT_FREE_METHODS", "ImageEmbedder", "ReportSimilarityTarget", "vit_reshape_transform",
     "cam_target_layer", "activation_maps", "pairwise_correlation", "pairwise_iou", "activation_share",
-    "reports_for", "measure_maps", "summarize_measures", "paired_difference", "clip_vlm_config",
-    "comparison_configs", "ensure_vlms", "ensure_comparison_models", "select_by_quantiles", "predict_masks",
+    "reports_for", "measure_maps", "summarize_measures", "paired_difference", "select_by_quantiles", "predict_masks",
     "plot_paraphrase_maps", "plot_stability", "plot_qualitative_grid",
 ]
 
@@ -215,8 +215,6 @@ def activation_share(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 def reports_for(text: str, n_paraphrases: int, seed: int) -> list[str]:
     """The report itself followed by ``n_paraphrases`` of it from :func:`dusss.data.paraphrase` (same seed, same list)."""
-    from .data import paraphrase
-
     return [text] + list(paraphrase(text, n_paraphrases, seed))
 
 
@@ -234,12 +232,6 @@ def measure_maps(vlm: nn.Module, dataset, *, n_paraphrases: int = 4, methods: Se
     the K maps that are all zero: the similarity's gradient left nothing after
     the ReLU; they are left out of ``share`` and ``pointing``) and ``gt_pixels``.
     """
-    import pandas as pd
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    from .pretrain import pointing_game
-
     rows: list[dict[str, Any]] = []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for batch in tqdm(loader, desc="activation maps", disable=not progress, leave=False):
@@ -277,8 +269,6 @@ def summarize_measures(tables: Mapping[str, Any]):
     lesion) are left out of each mean and the count ``n_<measure>`` says how
     many remained.
     """
-    import pandas as pd
-
     rows = []
     for model, table in tables.items():
         for method, group in table.groupby("method", sort=False):
@@ -315,78 +305,7 @@ def paired_difference(a, b, column: str, method: str, *, n_boot: int = 2000, see
             "ci_high": float(np.quantile(boot, 0.975)), "p_wilcoxon": p, "n": int(diff.size)}
 
 
-# ---------------------------------------------------------------- Fig. 4 runs
-def clip_vlm_config(cfg: Config) -> Config:
-    """The CLIP-style VLM of the comparison: the same pre-training with only the cross-modal InfoNCE (no SSS, IMC, L_tg).
-
-    Its switches are the Tables grid's ``clip`` row (:data:`dusss.tables.ROWS`), so both use one VLM.
-    """
-    from .tables import ROWS
-
-    return cfg.replace(**ROWS["clip"].switches, out_dir="", vlm_checkpoint="")
-
-
-_GUIDED = (("CLIP", "clip"), ("DuSSS", "dusss"))  # Fig. 4's text-guided runs: label -> row of dusss.tables.ROWS
-
-
-def comparison_configs(cfg: Config) -> dict[str, Config]:
-    """The Step-2 runs Fig. 4 compares, label -> Config, at ``cfg``'s data set, ratio and seed.
-
-    ``MT`` (Mean Teacher), ``BCP`` (only when ``bcp`` is an accepted method of
-    this version of :mod:`dusss.ssmis`), ``CLIP`` (DuSSS's Step 2 guided by the
-    CLIP-style VLM of :func:`clip_vlm_config`) and ``DuSSS``. The two
-    text-guided runs live in the folders of the Tables grid
-    (:func:`dusss.tables.run_name`, e.g. ``dusss-sss0-cmc1-imc0-tg0-r0.25-s666``),
-    so Fig. 4 and Tables 1-2 share one training of each.
-    """
-    from .tables import ROWS, run_name
-
-    base = cfg.replace(out_dir="", vlm_checkpoint="")
-    parent = ssmis_dir(base.replace(method="dusss")).parent
-    runs = {"MT": base.replace(method="mt")}
-    if "bcp" in METHODS:
-        runs["BCP"] = base.replace(method="bcp")
-    for label, row in _GUIDED:
-        c = base.replace(method="dusss", **ROWS[row].switches)
-        runs[label] = c.replace(out_dir=str(parent / run_name(row, c.ratio, c.seed)))
-    return runs
-
-
-def ensure_vlms(cfg: Config, *, progress: bool = True) -> dict[str, Path]:
-    """Pre-train (or read) the VLMs of :func:`comparison_configs`' guided runs; ``{"CLIP": vlm.pt, "DuSSS": vlm.pt}``.
-
-    Both are pre-trained at ``dusss.paths.pretrain_ratio(ratio)`` labels,
-    as the Tables grid does, so their mask supervision never saw an image that
-    is unlabelled in Step 2; a finished run is read, not retrained.
-    """
-    from .pretrain import pretrain
-
-    runs = comparison_configs(cfg)
-    paths: dict[str, Path] = {}
-    for label in ("DuSSS", "CLIP"):  # the order notebook 05's tables and Fig. 5 show them in
-        c = runs[label].replace(ratio=pretrain_ratio(cfg.ratio), out_dir="")
-        pretrain(c, progress=progress)
-        paths[label] = default_vlm_checkpoint(c)
-    return paths
-
-
-def ensure_comparison_models(cfg: Config, *, progress: bool = True) -> dict[str, Path]:
-    """Train every run of :func:`comparison_configs` that is missing (after :func:`ensure_vlms`); label -> ``best.pt``.
-
-    Finished runs are read, not retrained (:func:`dusss.ssmis.train_ssmis`
-    returns at once), so at the demo profile this reuses what notebooks 02 and
-    03 wrote.
-    """
-    from .ssmis import train_ssmis
-
-    ensure_vlms(cfg, progress=progress)
-    paths: dict[str, Path] = {}
-    for label, run_cfg in comparison_configs(cfg).items():
-        train_ssmis(run_cfg, progress=progress)
-        paths[label] = ssmis_dir(run_cfg) / "best.pt"
-    return paths
-
-
+# ---------------------------------------------------------------- Fig. 4 images
 def select_by_quantiles(scores, quantiles: Sequence[float] = (0.125, 0.375, 0.625, 0.875)) -> list[str]:
     """Names of the images whose score is nearest each quantile of ``scores`` (a name-indexed Series): one per quartile.
 
@@ -408,8 +327,6 @@ def select_by_quantiles(scores, quantiles: Sequence[float] = (0.125, 0.375, 0.62
 @torch.no_grad()
 def predict_masks(models: Mapping[str, nn.Module], images: torch.Tensor, threshold: float = 0.5) -> dict[str, torch.Tensor]:
     """Binary predictions ``(B, 1, H, W)`` of each segmentation model (logits out) on ``images``, label -> mask."""
-    from .metrics import binarize
-
     out = {}
     for label, model in models.items():
         device = next(model.parameters()).device
@@ -441,8 +358,6 @@ def plot_paraphrase_maps(image: torch.Tensor, mask: torch.Tensor, reports: Seque
     their own (not over the image), which keeps them readable and the PNG
     small; the row label gives that row's pairwise correlation.
     """
-    import textwrap
-
     import matplotlib.pyplot as plt
 
     k = len(reports)

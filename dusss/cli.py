@@ -1,9 +1,10 @@
 """``python -m dusss``: the command line over the same config the notebooks use.
 
-Each subcommand's options are declared here (so ``--help`` is instant and
-complete); its work lives in the module named in :data:`COMMANDS`, imported only
-when the command runs. Every command takes ``--profile`` and repeatable
-``--set key=value`` overrides, resolved by :func:`dusss.config.make_config`;
+Each subcommand's options are declared here (so ``--help`` is complete); its
+work is the function named in :data:`COMMANDS` (``module:function``, imported
+only when the command runs): :mod:`dusss.commands` for the library's commands,
+the ``run`` of a module of :mod:`dusss.experiments` for the harness's. Every
+command takes ``--profile`` and repeatable ``--set key=value`` overrides, resolved by :func:`dusss.config.make_config`;
 ``--data-root`` is then read for what it holds
 (:func:`dusss.data.prepare.resolve_dataset`: a folder in the LViT layout is own
 data whatever embedded set ``dataset`` names). An error the user caused (any
@@ -18,20 +19,27 @@ import importlib
 import sys
 
 from .config import PROFILES, make_config, parse_overrides
+from .data.prepare import resolve_dataset
+from .data.registry import DATASETS
 from .errors import DusssError
 from .experiments.grid import GRIDS
 from .methods import METHODS
 
-# command -> (module with run(args, cfg) -> int, one-line help)
+EMBEDDED = [name for name, spec in DATASETS.items() if spec.generated]  # default --datasets of grid and study
+
+# command -> ("module:function" taking (args, cfg) and returning the exit status, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("dusss.data.cli", "generate the embedded data sets, prepare raw downloads, check a data folder"),
-    "pretrain": ("dusss.pretrain", "Step 1: pre-train the DuSSS vision-language model"),
-    "ssmis": ("dusss.ssmis", "Step 2: text-guided Mean-Teacher segmentation (or mt / supervised)"),
-    "evaluate": ("dusss.evaluate", "Dice and mIoU of a segmentation checkpoint on a split"),
-    "tables": ("dusss.tables", "Tables 1 and 2: train the missing runs for one data set and seed, render the tables"),
-    "bench": ("dusss.bench", "speed benchmark: text-guidance cost, GFLOP/s, throughput, loader"),
-    "study": ("dusss.experiments.study", "the Step-2 consistency-recipe study: MT recipes vs labelled-only, on validation"),
-    "grid": ("dusss.experiments.grid", "the testbed grid: every (row, share, seed, data set) run, parallel, resumable"),
+    "data": ("dusss.commands:run_data", "generate the embedded data sets, prepare raw downloads, check a data folder"),
+    "pretrain": ("dusss.commands:run_pretrain", "Step 1: pre-train the DuSSS vision-language model"),
+    "ssmis": ("dusss.commands:run_ssmis", "Step 2: text-guided Mean-Teacher segmentation (or mt / supervised)"),
+    "evaluate": ("dusss.commands:run_evaluate", "Dice and mIoU of a segmentation checkpoint on a split"),
+    "tables": ("dusss.experiments.tables:run",
+               "Tables 1 and 2: train the missing runs for one data set and seed, render the tables"),
+    "bench": ("dusss.experiments.bench:run", "speed benchmark: text-guidance cost, GFLOP/s, throughput, loader"),
+    "study": ("dusss.experiments.study:run",
+              "the Step-2 consistency-recipe study: MT recipes vs labelled-only, on validation"),
+    "grid": ("dusss.experiments.grid:run",
+             "the testbed grid: every (row, share, seed, data set) run, parallel, resumable"),
 }
 
 
@@ -56,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         _add_config_options(p)
         if name == "data":
-            p.add_argument("action", choices=["make-synth", "make-nuclei", "prepare-qata", "prepare-bmseg", "check", "gallery"],
-                           help="what to do")
+            p.add_argument("action", choices=[s.action for s in DATASETS.values() if s.action] + ["check", "gallery"],
+                           help="what to do (make-* / prepare-*: the registered data sets' actions)")
             p.add_argument("path", nargs="?", default=None,
                            help="data folder for 'check'; raw download folder for 'prepare-*'")
             p.add_argument("--text-dir", default=None, help="prepare-qata: folder with LViT's *_text.xlsx workbooks")
@@ -69,12 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         elif name == "grid":
             p.add_argument("--grid", nargs="+", default=["sweep"], choices=list(GRIDS),
                            help="which grids (dusss.experiments.grid.GRIDS); their runs are merged")
-            p.add_argument("--datasets", nargs="+", default=["qata-synth", "nuclei-real"], help="data sets")
+            p.add_argument("--datasets", nargs="+", default=EMBEDDED, help="data sets (default: the embedded ones)")
             p.add_argument("--seeds", default="666-670", help="seeds, e.g. 666-670 or 666,668")
             p.add_argument("--workers", type=int, default=1, help="runs side by side (each gets cores // workers threads)")
             p.add_argument("--list", action="store_true", help="only list the jobs and which are done")
         elif name == "study":
-            p.add_argument("--datasets", nargs="+", default=["qata-synth", "nuclei-real"], help="data sets")
+            p.add_argument("--datasets", nargs="+", default=EMBEDDED, help="data sets (default: the embedded ones)")
             p.add_argument("--seeds", default="666-668", help="seeds, e.g. 666-668")
             p.add_argument("--recipes", nargs="+", default=None, help="recipes (default: all of RECIPES)")
             p.add_argument("--workers", type=int, default=1, help="runs side by side")
@@ -93,8 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace):
     """Resolve ``--profile``/``--set`` and the dedicated flags into a Config, its dataset read from its data folder."""
-    from .data.prepare import resolve_dataset
-
     overrides = parse_overrides(args.overrides)
     for flag, key in (("data_root", "data_root"), ("out", "out_dir"), ("device", "device"), ("seed", "seed"),
                       ("ratio", "ratio"), ("method", "method"), ("vlm", "vlm_checkpoint")):
@@ -110,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    module_name, _ = COMMANDS[args.command]
+    module_name, function = COMMANDS[args.command][0].split(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         parser.exit(2, f"python -m dusss {args.command}: this checkout has no {module_name} yet\n")
     try:
-        return int(module.run(args, config_from_args(args)) or 0)
+        return int(getattr(module, function)(args, config_from_args(args)) or 0)
     except DusssError as exc:  # the user's to fix: one line, no traceback (SystemExit(2), as argparse does)
         message = " ".join(str(exc).split())
         parser.exit(2, f"python -m dusss {args.command}: error: {message}\n")

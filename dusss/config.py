@@ -20,7 +20,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .errors import DusssError
+from .errors import ConfigError
+from .utils import atomic_write_text, repo_root
 
 AMP_MODES = ("auto", "bf16", "off")  # Config.amp: bf16 autocast on CUDA only / always / never
 LR_SCHEDULES = ("cosine", "constant")  # Config.lr_schedule (Step 2)
@@ -37,10 +38,6 @@ def register_choices(key: str, registry: Any) -> None:
 
 __all__ = ["Config", "ConfigError", "PROFILES", "AMP_MODES", "LR_SCHEDULES", "register_choices", "make_config", "parse_overrides", "default_profile",
            "config_differences", "step_keys", "resume_differences", "STEPS"]
-
-
-class ConfigError(DusssError):
-    """A configuration key or value a user supplied is not valid."""
 
 
 # Every field declares which step's results it changes (field metadata, read by :func:`step_keys`):
@@ -88,7 +85,7 @@ class Config:
     amp: str = _ops("auto")  # bfloat16 autocast of the training forward passes: "auto" = on CUDA only, "bf16", "off"
     channels_last: bool = _ops(False)  # Step 2: U-Net and batches in channels-last memory (no gain measured on 2 CPU cores)
     # ---- data ------------------------------------------------------------
-    dataset: str = _shared("qata-synth")  # qata-synth | nuclei-real | qata | monuseg | bmseg | lvit (own data)
+    dataset: str = _shared("qata-synth")  # a registered data set (dusss.data.registry): qata-synth, nuclei-real, qata, monuseg, bmseg, lvit (own data)
     data_root: str = _ops("")  # "" = $DUSSS_DATA/<dataset>, else data/<dataset>
     image_size: int = _shared(128)  # training resolution (paper: 224)
     num_workers: int = _ops(0)  # DataLoader workers
@@ -131,7 +128,7 @@ class Config:
     w_ground_sup: float = _step1(4.0)  # weight of that mask supervision (BCE + soft Dice); 1.0 learned grounding too slowly
     vlm_warmup: float = _step1(1.0)  # linear learning-rate warm-up (epochs), then cosine decay
     # ---- step 2: semi-supervised segmentation ----------------------------
-    method: str = _step2("dusss")  # a registered Step-2 method (dusss.methods.METHODS): dusss, mt, supervised, bcp, ucmt
+    method: str = _step2("dusss")  # a registered Step-2 method (dusss.methods.METHODS): dusss, mt, supervised, bcp, ucmt, cct, mcnet, ssnet
     ratio: float = _shared(0.25)  # share of labelled training images, in (0, 1]
     vlm_checkpoint: str = _ops("")  # "" = the checkpoint notebook 02 writes for this dataset
     unet_base: int = _step2(8)  # U-Net base channels (paper: 64)
@@ -162,6 +159,21 @@ class Config:
     bcp_pretrain_frac: float = _step2(0.25)  # BCP: share of the epochs spent pre-training on labelled copy-paste (BCP: 10k of 40k iterations)
     ucmt_grid: int = _step2(4)  # UCMT (Shen et al. 2023) UMIX: patches per image side
     ucmt_topk: int = _step2(4)  # UCMT UMIX: most uncertain patches replaced per image (by the other image's most certain)
+    cct_aux: int = _step2(3)  # CCT (Ouali et al. 2020, as SSL4MIS runs it in 2D): auxiliary decoders, perturbations cycled noise, dropout, feature drop
+    cct_weight: float = _step2(0.1)  # CCT: consistency weight after the sigmoid ramp-up over rampup_epochs (SSL4MIS: 0.1)
+    cct_noise: float = _step2(0.3)  # CCT feature noise: f + f * U(-r, r), one draw per channel and pixel (CCT, SSL4MIS: 0.3)
+    cct_dropout: float = _step2(0.3)  # CCT: dropout rate of the dropout decoder's features (SSL4MIS: 0.3)
+    cct_drop_low: float = _step2(0.7)  # CCT feature drop: pixels whose mean activation >= U(low, high) x image max are zeroed (0.7)
+    cct_drop_high: float = _step2(0.9)  # CCT feature drop: upper end of that threshold draw (CCT, SSL4MIS: 0.9)
+    mcnet_decoders: int = _step2(3)  # MC-Net+ (Wu et al. 2022a): decoders, up-sampling transposed conv, bilinear, nearest, bicubic (2D MC-Net+: 3)
+    mcnet_temperature: float = _step2(0.1)  # MC-Net: sharpening temperature T of the cross pseudo labels (authors: 0.1)
+    mcnet_weight: float = _step2(0.1)  # MC-Net: weight of the mutual consistency after ramp-up over rampup_epochs (authors: 0.1)
+    ssnet_weight: float = _step2(0.1)  # SS-Net (Wu et al. 2022b): weight of LDS + separation after ramp-up over rampup_epochs (authors: 0.1)
+    ssnet_sep_weight: float = _step2(0.1)  # SS-Net: factor of the class-separation terms inside that weight (authors: 0.1)
+    ssnet_eps: float = _step2(6.0)  # SS-Net VAT: L2 norm of each image's adversarial perturbation (authors' 2D: 6.0)
+    ssnet_xi: float = _step2(10.0)  # SS-Net VAT: size of the probe step along the random direction (authors: 10.0)
+    ssnet_ip: int = _step2(1)  # SS-Net VAT: power iterations for the adversarial direction (authors: 1)
+    ssnet_proj_dim: int = _step2(32)  # SS-Net: width of the projection and prediction heads on the decoder features (authors: 32)
     out_dir: str = _ops("")  # "" = runs/<command>/<dataset>/...
 
     # ------------------------------------------------------------------
@@ -171,8 +183,6 @@ class Config:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the resolved config as JSON (atomically) and return the path."""
-        from .utils import atomic_write_text
-
         path = Path(path)
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         return path
@@ -214,12 +224,14 @@ class Config:
         sets outside the demo profile (``qata-synth_smoke``) and ``_s<data seed>``
         for a data seed other than 666 (``nuclei-real_s667``), so a run never
         regenerates, under a concurrent run of another profile or seed, the
-        folder that run is reading.
+        folder that run is reading. Which sets are generated is their
+        ``DatasetSpec.generated`` (:mod:`dusss.data.registry`, registered here
+        as the choices of ``dataset``).
         """
         if self.data_root:
             return Path(self.data_root).expanduser()
         name = self.dataset
-        if self.dataset in ("qata-synth", "nuclei-real"):
+        if getattr(_CHOICES.get("dataset", {}).get(self.dataset), "generated", False):
             if self.profile != "demo":
                 name = f"{name}_{self.profile}"
             if self.resolved_data_seed() != 666:
@@ -227,8 +239,6 @@ class Config:
         env = os.environ.get("DUSSS_DATA")
         if env:
             return Path(env).expanduser() / name
-        from .utils import repo_root
-
         return repo_root() / "data" / name
 
     def describe(self) -> str:
@@ -355,6 +365,8 @@ def _check_ranges(cfg: Config) -> None:
         ("image_size", cfg.image_size >= 16 and cfg.image_size % 16 == 0, "must be a multiple of 16, >= 16"),
         ("method", "method" not in _CHOICES or cfg.method in _CHOICES["method"],
          f"must be a registered Step-2 method: one of {', '.join(_CHOICES.get('method', ()))}"),
+        ("dataset", "dataset" not in _CHOICES or cfg.dataset in _CHOICES["dataset"],
+         f"must be a registered data set: one of {', '.join(_CHOICES.get('dataset', ()))}"),
         ("lr_schedule", cfg.lr_schedule in LR_SCHEDULES, f"must be one of {LR_SCHEDULES}"),
         ("cons_loss", cfg.cons_loss in ("mse", "bce"), "must be 'mse' or 'bce'"),
         ("perturb", cfg.perturb in ("noise", "strong", "none"), "must be 'noise', 'strong' or 'none'"),
@@ -373,6 +385,21 @@ def _check_ranges(cfg: Config) -> None:
         ("bcp_u_weight", cfg.bcp_u_weight >= 0, "must be >= 0 (BCP: 0.5)"),
         ("bcp_pretrain_frac", 0.0 <= cfg.bcp_pretrain_frac < 1.0, "must be in [0, 1) (BCP: 0.25)"),
         ("ucmt_topk", 1 <= cfg.ucmt_topk <= cfg.ucmt_grid ** 2, "must be in [1, ucmt_grid**2]"),
+        ("cct_aux", cfg.cct_aux >= 1, "must be >= 1 (SSL4MIS: 3)"),
+        ("cct_weight", cfg.cct_weight >= 0, "must be >= 0 (SSL4MIS: 0.1)"),
+        ("cct_noise", cfg.cct_noise >= 0, "must be >= 0 (CCT: 0.3)"),
+        ("cct_dropout", 0.0 <= cfg.cct_dropout < 1.0, "must be in [0, 1) (SSL4MIS: 0.3)"),
+        ("cct_drop_low", 0.0 < cfg.cct_drop_low <= cfg.cct_drop_high, "must be in (0, cct_drop_high] (CCT: 0.7)"),
+        ("cct_drop_high", cfg.cct_drop_high <= 1.0, "must be <= 1 (CCT: 0.9)"),
+        ("mcnet_decoders", 2 <= cfg.mcnet_decoders <= 4, "must be 2, 3 or 4 (MC-Net+: 3)"),
+        ("mcnet_temperature", 0.0 < cfg.mcnet_temperature <= 1.0, "must be in (0, 1] (MC-Net: 0.1; 1 = no sharpening)"),
+        ("mcnet_weight", cfg.mcnet_weight >= 0, "must be >= 0 (MC-Net: 0.1)"),
+        ("ssnet_weight", cfg.ssnet_weight >= 0, "must be >= 0 (SS-Net: 0.1)"),
+        ("ssnet_sep_weight", cfg.ssnet_sep_weight >= 0, "must be >= 0 (SS-Net: 0.1)"),
+        ("ssnet_eps", cfg.ssnet_eps >= 0, "must be >= 0 (SS-Net 2D: 6.0)"),
+        ("ssnet_xi", cfg.ssnet_xi > 0, "must be > 0 (SS-Net: 10.0)"),
+        ("ssnet_ip", cfg.ssnet_ip >= 1, "must be >= 1 (SS-Net: 1)"),
+        ("ssnet_proj_dim", cfg.ssnet_proj_dim >= 1, "must be >= 1 (SS-Net: 32)"),
     ]
     for key in ("ucmt_grid", "epochs", "vlm_epochs", "labeled_bs", "unlabeled_bs", "vlm_batch_size", "unet_base",
                 "vit_width", "vit_depth", "vit_heads", "embed_dim", "vit_patch", "patience"):

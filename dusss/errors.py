@@ -10,13 +10,13 @@ failing the cell. Any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
-__all__ = ["DusssError", "CheckpointError", "MissingCheckpointError"]
+__all__ = ["DusssError", "ConfigError", "CheckpointError", "MissingCheckpointError"]
 
 
 class DusssError(ValueError):
     """A file, folder or value the user supplied is not usable; the message says which and what to do.
 
-    Subclasses: :class:`dusss.config.ConfigError`, :class:`dusss.data.DataError`,
+    Subclasses: :class:`ConfigError` (also ``dusss.config.ConfigError``), :class:`dusss.data.DataError`,
     :class:`CheckpointError` (:class:`MissingCheckpointError`). A ``ValueError``,
     so code that caught the narrower errors as ``ValueError`` keeps working.
     """
@@ -26,6 +26,10 @@ class DusssError(ValueError):
         # (InteractiveShell.showtraceback): a notebook cell that raises one shows
         # this line and still fails, so papermill and nbval stop there.
         return [f"{type(self).__name__}: {self}"]
+
+
+class ConfigError(DusssError):
+    """A configuration key or value a user supplied is not valid (re-exported by :mod:`dusss.config`)."""
 
 
 class CheckpointError(DusssError):

@@ -26,7 +26,7 @@ from .metrics import binarize, dice_of_masks, summarize_scores
 from .unet import build_unet
 from .utils import atomic_write_json, get_logger, load_checkpoint, resolve_device
 
-__all__ = ["evaluate_model", "evaluate_checkpoint", "load_student", "run"]
+__all__ = ["evaluate_model", "evaluate_checkpoint", "load_student"]
 
 log = get_logger(__name__)
 
@@ -97,13 +97,3 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", data_roo
               "ratio": cfg.ratio, "epoch": int(ckpt.get("epoch", -1)), "threshold": cfg.threshold, **summary}
     atomic_write_json(out / f"eval_{split}.json", result)
     return result
-
-
-def run(args, cfg: Config) -> int:
-    """``python -m dusss evaluate``: print and write Dice and mIoU of ``--checkpoint`` on ``--split``."""
-    result = evaluate_checkpoint(args.checkpoint, split=args.split, data_root=args.data_root or None,
-                                 device=cfg.device, out_dir=args.out or None)
-    print(f"{args.split}: Dice {result['dice']:.4f}  mIoU {result['miou']:.4f}  ({result['n']} images, "
-          f"{result['method']} r{result['ratio']:g}, epoch {result['epoch']}) -> "
-          f"{Path(args.out or Path(args.checkpoint).parent) / f'eval_{args.split}.json'}")
-    return 0

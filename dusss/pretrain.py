@@ -36,17 +36,18 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import Config, ConfigError, resume_differences
+from .data import default_augment, open_split, paraphrase, parse_qata, split_for
 from .data.prepare import ensure_dataset, resolve_dataset
 from .losses import DualContrastiveLoss, SupervisedSegLoss, TextGuidedLoss, mask_pool
 from .metrics import dice_iou_per_image, dice_of_masks
-from .paths import pretrain_dir
+from .runs import pretrain_dir
 from .utils import (atomic_torch_save, atomic_write_json, atomic_write_text, autocast, get_logger, load_checkpoint,
                     seed_everything, to_float32)
 from .distributed import (DistInfo, all_gather_objects, ddp_wrap, init_distributed, is_main_process, make_sampler,
                           quiet_non_main, save_on_main, set_sampler_epoch, sync_buffers)
 from .vlm import DuSSSVLM, VLMOutput
 
-__all__ = ["pretrain", "run", "evaluate_vlm", "MaskReferences", "photometric_view", "same_text_mask",
+__all__ = ["pretrain", "evaluate_vlm", "MaskReferences", "photometric_view", "same_text_mask",
            "zones_named", "retrieval_metrics", "pointing_game"]
 
 log = get_logger(__name__)
@@ -89,8 +90,6 @@ def zones_named(text: str) -> tuple[str, ...]:
     key, so the zone reference becomes "the mean mask of training images with
     the same report".
     """
-    from .data import parse_qata
-
     parsed = parse_qata(text)
     return tuple(sorted(parsed[1].items())) if parsed is not None else (text,)
 
@@ -214,8 +213,6 @@ def _datasets(cfg: Config):
     split Step 2 uses, i.e. ``split_labeled(train_names, cfg.ratio,
     cfg.resolved_data_seed())[0]`` -- and are empty when ``ground_sup`` is off.
     """
-    from .data import default_augment, open_split, split_for
-
     train = open_split(cfg, "train", augment=default_augment(cfg), preload=True)
     train_plain, val, test = (open_split(cfg, split, preload=True) for split in ("train", "val", "test"))
     labelled = set(split_for(cfg, train.names)[0]) if cfg.ground_sup else set()
@@ -230,8 +227,6 @@ class _Paraphrases(dict):
         self.seed = seed
 
     def __missing__(self, text: str) -> list[str]:
-        from .data import paraphrase
-
         value = self[text] = list(paraphrase(text, N_PARAPHRASES, self.seed))
         return value
 
@@ -358,7 +353,7 @@ class _TrainStep(nn.Module):
 def pretrain(cfg: Config, *, progress: bool = True) -> dict[str, float]:
     """Pre-train the VLM of ``cfg`` and return its final validation and test metrics (flat dict).
 
-    Writes into :func:`dusss.paths.pretrain_dir` ``(cfg)``: ``vlm.pt`` (model
+    Writes into :func:`dusss.runs.pretrain_dir` ``(cfg)``: ``vlm.pt`` (model
     weights + config, atomic, every epoch), ``last.pt`` (the same plus the
     optimiser, for resuming), ``history.csv`` (every loss term and validation
     metric per epoch), ``config.json`` and, when the run is complete,
@@ -491,12 +486,3 @@ def _pretrain(cfg: Config, info: DistInfo, *, progress: bool) -> dict[str, float
              metrics["test_dice"], metrics["test_pointing"], metrics["test_ref_mean_dice"],
              metrics["test_ref_zones_dice"], metrics["test_i2t_r1"])
     return metrics
-
-
-def run(args, cfg: Config) -> int:
-    """``python -m dusss pretrain``: train (or resume) and log the final metrics; returns the exit status."""
-    metrics = pretrain(cfg, progress=True)
-    for key in sorted(metrics):
-        log.info("%-28s %s", key, _fmt(metrics[key]))
-    log.info("checkpoint: %s", pretrain_dir(cfg) / "vlm.pt")
-    return 0

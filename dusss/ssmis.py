@@ -65,9 +65,9 @@ from .distributed import DistInfo, ddp_wrap, init_distributed, is_main_process, 
 from .errors import MissingCheckpointError
 from .evaluate import evaluate_model, load_student
 from .losses import ema_update
-from .methods import METHODS, Method, Models, StepBatch, get_method
+from .methods import METHODS, Method, Models, StepBatch, get_method, optimizer_groups
 from .metrics import binarize, dice_of_masks
-from .paths import default_vlm_checkpoint, ssmis_dir
+from .runs import default_vlm_checkpoint, ssmis_dir
 from .unet import build_unet, count_parameters
 from .utils import atomic_write_json, autocast, get_logger, load_checkpoint, repo_root, resolve_device, seed_everything
 from .vlm import load_vlm
@@ -75,7 +75,6 @@ from .vlm import load_vlm
 __all__ = [
     "FLAT_TEXT_LOGIT", "SsmisData", "TensorSplit", "prepare_data", "TextGuidance", "train_ssmis", "load_student",
     "decline_streak", "pseudo_label_examples", "plot_training_curves", "plot_diagnostics", "plot_pseudo_label_grid",
-    "run",
 ]
 
 log = get_logger(__name__)
@@ -383,7 +382,7 @@ def train_ssmis(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     ``cfg.method`` names a class of :data:`dusss.methods.METHODS`; the loop
     gives it what its class attributes ask for (unlabelled batches, an EMA
     teacher, text-guided logits) and never looks at its name. Writes into
-    :func:`dusss.paths.ssmis_dir`: ``config.json``, ``history.csv`` (per epoch:
+    :func:`dusss.runs.ssmis_dir`: ``config.json``, ``history.csv`` (per epoch:
     losses, consistency weight, EMA alpha, learning rate, validation
     Dice/mIoU, pseudo-label diagnostics and their decline streak, seconds),
     ``best.pt`` (best validation Dice) and ``last.pt`` (every epoch; both
@@ -460,7 +459,8 @@ def _train_ssmis(cfg: Config, method_cls: type[Method], info: DistInfo, *, progr
     memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
     student = student.to(memory_format=memory)
     teacher = copy.deepcopy(student).requires_grad_(False).train() if method_cls.uses_teacher else None  # batch-stat BN
-    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+    method = method_cls(cfg, device)  # before the optimiser: a method's own modules (parameters()) join it
+    optimizer = torch.optim.Adam(optimizer_groups(student, method), lr=cfg.lr)
     n_lab, n_unl = len(lab), len(unl) if unl is not None else 0
     # an epoch = steps_per_epoch steps (0: one pass over the longer stream); torchrun: a step takes world_size batches
     steps = cfg.steps_per_epoch or max(math.ceil(n_lab / cfg.labeled_bs), math.ceil(n_unl / cfg.unlabeled_bs))
@@ -468,7 +468,6 @@ def _train_ssmis(cfg: Config, method_cls: type[Method], info: DistInfo, *, progr
     total_steps = steps * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg, total_steps))
     models = Models(student, ddp_wrap(student, info), teacher)  # forward: DDP-wrapped under torchrun
-    method = method_cls(cfg, device)
 
     t0 = time.time()
     guidance = _load_guidance(cfg, device) if method_cls.uses_text else None
@@ -734,13 +733,3 @@ def plot_pseudo_label_grid(examples: dict[str, Any]):
         axes[r, 0].set_ylabel(examples["names"][r], fontsize=6)
     fig.tight_layout()
     return fig
-
-
-# ---------------------------------------------------------------------------- command line
-def run(args, cfg: Config) -> int:
-    """``python -m dusss ssmis``: train and score one method at one label ratio; print the metrics."""
-    metrics = train_ssmis(cfg, progress=True)
-    print(f"{metrics['method']} ratio {metrics['ratio']:g}: test Dice {metrics['test_dice']:.4f} "
-          f"mIoU {metrics['test_miou']:.4f} (best epoch {metrics['best_epoch']}, val Dice {metrics['val_dice']:.4f})"
-          f" -> {metrics['out_dir']}")
-    return 0

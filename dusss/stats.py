@@ -37,7 +37,7 @@ def t_interval(values: Iterable[float], level: float = LEVEL) -> dict[str, float
 
 
 def _by_seed(x: pd.Series | pd.DataFrame) -> pd.Series:
-    """Test Dice in points indexed by seed: a Series as it is, a :func:`dusss.tables.load_runs` frame x 100."""
+    """Test Dice in points indexed by seed: a Series as it is, a runs frame (:mod:`dusss.experiments.tables`) x 100."""
     if isinstance(x, pd.DataFrame):
         missing = {"seed", "test_dice"} - set(x.columns)
         if missing:
@@ -57,7 +57,7 @@ def paired_difference(a: pd.Series | pd.DataFrame, b: pd.Series | pd.DataFrame,
     """Test Dice of ``a`` minus ``b`` over the seeds both have: mean and Student t-interval of the per-seed differences.
 
     ``a`` and ``b`` are one row's runs each: a Series of Dice in points
-    indexed by seed, or rows of :func:`dusss.tables.load_runs` (``seed``,
+    indexed by seed, or rows of :func:`dusss.experiments.tables.load_runs` (``seed``,
     ``test_dice`` in [0, 1], converted to points). Only seeds present in both
     count. Returns ``mean``, ``ci_low``, ``ci_high``, ``half_width``
     (:func:`t_interval` of the differences, ddof=1; NaN interval below two

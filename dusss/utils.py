@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
 from .errors import CheckpointError, MissingCheckpointError
 
 __all__ = [

@@ -2,7 +2,8 @@
 
 Runs ``train_ssmis`` for every (ratio, method) pair at one profile (finished
 runs in ``runs/ssmis/...`` are reused, interrupted ones resume), pre-trains the
-VLM first if ``dusss`` needs it and it is missing, and writes
+VLM a text-guided run reads first when it is missing (at the share of
+``dusss.runs.pretrain_ratio``, as the notebooks and the Tables grid do), and writes
 ``results/03_ssmis_table.csv`` and ``.md`` (``_<profile>`` suffix for profiles
 other than demo). Every number in the table is read from the runs'
 ``metrics.json``.
@@ -19,7 +20,9 @@ import pandas as pd
 
 from dusss.config import make_config, parse_overrides
 from dusss.methods import METHODS
-from dusss.paths import default_vlm_checkpoint, results_dir, tagged
+from dusss.paths import results_dir, tagged
+from dusss.pretrain import pretrain
+from dusss.runs import default_vlm_checkpoint, pretrain_config
 from dusss.ssmis import train_ssmis
 from dusss.utils import get_logger
 
@@ -35,12 +38,10 @@ def table_rows(profile: str, dataset: str, methods: list[str], ratios: list[floa
     for ratio in ratios:
         for method in methods:
             cfg = make_config(profile, overrides, dataset=dataset, method=method, ratio=ratio)
-            if method == "dusss" and not default_vlm_checkpoint(cfg).is_file():
-                from dusss.pretrain import pretrain
-
-                # the smallest ratio's labelled masks are inside every larger ratio's (nested splits)
+            if METHODS[method].uses_text and not default_vlm_checkpoint(cfg).is_file():
+                # the VLM this run reads: pre-trained at the share of dusss.runs.pretrain_ratio, inside its labels
                 log.info("no VLM at %s: pre-training it first", default_vlm_checkpoint(cfg))
-                pretrain(cfg.replace(ratio=min(ratios), out_dir=""))
+                pretrain(pretrain_config(cfg))
             m = train_ssmis(cfg)
             rows.append({**{k: m[k] for k in COLUMNS if k in m}, **m["diag_best"]})
     return pd.DataFrame(rows)[COLUMNS]

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from dusss.bench import UNET_VARIANTS, benchmark, format_table
+from dusss.experiments.bench import UNET_VARIANTS, benchmark, format_table
 from dusss.cli import main as cli_main
 from dusss.config import make_config
 
@@ -74,7 +74,7 @@ def test_bench_ratios_are_the_ratios_of_the_step_times(bench_json):
 
 def test_unet_flops_match_a_hand_count_of_the_first_convolution(tmp_path):
     """The counted FLOPs include at least the first 3x3 convolution's forward, 2·B·H·W·C_in·C_out·9."""
-    from dusss.bench import _step_flops
+    from dusss.experiments.bench import _step_flops
     import torch
 
     cfg = make_config("smoke", data_root=str(tmp_path), num_threads=1)

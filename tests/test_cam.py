@@ -2,22 +2,17 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 
-from dusss.cam import (CAM_METHODS, activation_maps, activation_share, cam_target_layer, comparison_configs,
-                       measure_maps, paired_difference, pairwise_correlation, pairwise_iou, plot_paraphrase_maps,
+from dusss.cam import (CAM_METHODS, activation_maps, activation_share, cam_target_layer, measure_maps,
+                       paired_difference, pairwise_correlation, pairwise_iou, plot_paraphrase_maps,
                        plot_qualitative_grid, reports_for, select_by_quantiles, summarize_measures,
                        vit_reshape_transform)
 from dusss.config import make_config
-from dusss.methods import METHODS
-from dusss.paths import default_vlm_checkpoint, ssmis_dir
-from dusss.tables import run_config as tables_config, run_name
 from conftest import SMOKE_REPORTS
 from dusss.vlm import DuSSSVLM
 
@@ -179,20 +174,6 @@ def test_select_by_quantiles_takes_one_image_per_quartile():
         select_by_quantiles(pd.Series([0.1, np.nan], index=["a", "b"]))
 
 
-def test_comparison_configs_name_the_runs_of_fig4():
-    cfg = make_config("smoke", dataset="qata-synth", ratio=0.25)
-    runs = comparison_configs(cfg)
-    assert list(runs) == ["MT"] + (["BCP"] if "bcp" in METHODS else []) + ["CLIP", "DuSSS"]
-    assert runs["CLIP"].method == runs["DuSSS"].method == "dusss"
-    # each guided run reads the VLM of its own switches and trains in the Tables grid's folder of that row
-    assert "sss0-cmc1-imc0-tg0" in str(default_vlm_checkpoint(runs["CLIP"]))
-    assert "sss1-cmc1-imc1-tg1" in str(default_vlm_checkpoint(runs["DuSSS"]))
-    for label, row in (("CLIP", "clip"), ("DuSSS", "dusss")):
-        assert Path(runs[label].out_dir) == ssmis_dir(runs["MT"]).parent / run_name(row, 0.25, cfg.seed)
-        assert Path(runs[label].out_dir) == Path(tables_config("smoke", "qata-synth", row, 0.25, cfg.seed, {}).out_dir)
-    assert all(c.ratio == 0.25 and c.dataset == "qata-synth" for c in runs.values())
-
-
 def test_figures_have_one_panel_per_report_and_model():
     image, mask = torch.rand(3, 16, 16), torch.zeros(1, 16, 16)
     mask[:, 4:8, 4:8] = 1
@@ -206,18 +187,3 @@ def test_figures_have_one_panel_per_report_and_model():
     import matplotlib.pyplot as plt
 
     plt.close("all")
-
-
-def test_ensure_vlms_pretrains_the_vlms_the_fig4_runs_read(monkeypatch):
-    # even for a config whose own switches differ from both rows, each guided run reads the VLM pre-trained for it
-    import dusss.pretrain as pretrain_mod
-    from dusss.cam import ensure_vlms
-
-    trained = []
-    monkeypatch.setattr(pretrain_mod, "pretrain", lambda c, progress=True: trained.append(c))
-    cfg = make_config("smoke", dataset="qata-synth", ratio=0.5, use_sss=False, use_tg=False)
-    paths = ensure_vlms(cfg, progress=False)
-    runs = comparison_configs(cfg)
-    assert list(paths) == ["DuSSS", "CLIP"] and all(c.ratio == 0.25 for c in trained)
-    for label in ("DuSSS", "CLIP"):
-        assert paths[label] == default_vlm_checkpoint(runs[label])

@@ -136,12 +136,12 @@ def test_missing_and_foreign_checkpoints_are_checkpoint_errors(tmp_path, capsys)
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):
-    import dusss.pretrain
+    import dusss.commands
 
     def broken(args, cfg):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(dusss.pretrain, "run", broken)
+    monkeypatch.setattr(dusss.commands, "run_pretrain", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         cli_main(["pretrain", "--profile", "smoke"])
 

@@ -5,10 +5,9 @@ import json
 import pandas as pd
 import pytest
 
-from dusss import tables
 from dusss.config import make_config
 from dusss.experiments import grid, study
-from dusss.paths import default_vlm_checkpoint, pretrain_dir, pretrain_ratio
+from dusss.runs import default_vlm_checkpoint, pretrain_dir, pretrain_ratio, run_file, run_name
 
 
 def test_parse_seeds_ranges_and_lists():
@@ -18,7 +17,7 @@ def test_parse_seeds_ranges_and_lists():
 
 def test_grid_jobs_are_distinct_runs_with_seeds_outermost():
     jobs = grid.grid_jobs("demo", ["sweep", "mt"], ["qata-synth"], [1, 2])
-    names = [tables.run_name(r, q, s) for _, r, q, s in jobs]
+    names = [run_name(r, q, s) for _, r, q, s in jobs]
     assert len(names) == len(set(names))  # the labelled-only cells both grids hold are one run
     assert [s for *_, s in jobs] == sorted(s for *_, s in jobs)  # a grid stopped halfway has whole seeds
     assert ("qata-synth", "mt", grid.LOWEST_SHARE, 1) in jobs and ("qata-synth", "unet100", 1.0, 2) in jobs
@@ -43,7 +42,7 @@ def test_grid_runs_missing_runs_and_skips_finished_ones(tmp_path, monkeypatch):
     done = grid.run_jobs("smoke", jobs, workers=1, overrides=overrides, progress=False)
     assert len(done) == 2
     for job in jobs:
-        result = json.loads(tables.run_file("smoke", *job).read_text())
+        result = json.loads(run_file("smoke", *job).read_text())
         assert 0.0 <= result["test_dice"] <= 1.0 and not result["out_dir"].startswith("/work")
     assert grid.run_jobs("smoke", jobs, workers=1, overrides=overrides, progress=False) == []  # nothing left to do
 

@@ -259,7 +259,7 @@ def test_bn_batch_decides_whether_unlabelled_images_shift_the_labelled_images_no
     for x_u in (torch.rand(2, 3, 16, 16), 5 * torch.rand(2, 3, 16, 16) - 2):  # two very different unlabelled batches
         out = MeanTeacher(cfg, torch.device("cpu")).step(Models(student, student, teacher),
                                                          StepBatch(x_l, y_l, x_u, None, 3, 40, 0.5))
-        sups.append(float(out.sup))
+        sups.append(float(out.sup.detach()))
     # the supervised loss reads the labelled logits: joint BatchNorm mixes in the unlabelled batch's statistics
     assert (sups[0] == pytest.approx(sups[1], abs=1e-6)) == (bn_batch == "separate")
 

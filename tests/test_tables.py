@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dusss import tables as T
+from dusss.experiments import tables as T
 from dusss.paper_tables import paper_table1, paper_table2
+from dusss.runs import ROWS, run_config, run_file, run_name
 
 
 @pytest.fixture
@@ -19,9 +20,9 @@ def tmp_outputs(tmp_path, monkeypatch):
 
 
 def _fake_run(profile, dataset, row, ratio, seed, dice, miou):
-    path = T.run_file(profile, dataset, row, ratio, seed)
+    path = run_file(profile, dataset, row, ratio, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    spec = T.ROWS[row]
+    spec = ROWS[row]
     path.write_text(json.dumps({"dataset": dataset, "method": spec.method, "ratio": spec.ratio or ratio,
                                 "seed": seed, "test_dice": dice, "test_miou": miou, "val_dice": dice,
                                 "epochs_run": 1, "train_seconds": 1.0}))
@@ -230,9 +231,9 @@ def test_headline_contrasts_cover_every_label_share_of_the_runs():
     rows = []
     for ratio in (0.05, 0.1, 0.25, 0.5):
         for row in ("unet", "mt", "dusss", "clip"):
-            rows.append({"dataset": "qata-synth", "run": T.run_name(row, ratio, 1), "ratio": ratio, "seed": 1,
+            rows.append({"dataset": "qata-synth", "run": run_name(row, ratio, 1), "ratio": ratio, "seed": 1,
                          "test_dice": 0.5})
-    rows.append({"dataset": "qata-synth", "run": T.run_name("unet100", 1.0, 1), "ratio": 1.0, "seed": 1,
+    rows.append({"dataset": "qata-synth", "run": run_name("unet100", 1.0, 1), "ratio": 1.0, "seed": 1,
                  "test_dice": 0.9})
     c = T.row_contrasts(pd.DataFrame(rows), T.HEADLINE_CONTRASTS + (("dusss", "unet100"),))
     assert sorted(set(c["ratio"])) == [0.05, 0.1, 0.25, 0.5]  # 100 % is the U-Net's own share, not a share here
@@ -372,24 +373,21 @@ def test_grid_adopts_runs_finished_outside_it_without_training(tmp_outputs):
                       table2_rows=[], run_missing=False, progress=False)
     assert list(runs["run"]) == ["supervised-r0.25-s9"]  # adopted; mt was never run and is not trained
     assert runs["test_dice"].iloc[0] == pytest.approx(m["test_dice"])
-    assert json.loads(T.run_file("smoke", "qata-synth", "unet", 0.25, 9).read_text())["ssmis_seconds"] < 5
+    assert json.loads(run_file("smoke", "qata-synth", "unet", 0.25, 9).read_text())["ssmis_seconds"] < 5
 
 
 def test_text_guided_rows_train_in_folders_of_their_own(tmp_outputs):
     # rows that differ only in their VLM must never share (and retrain over) one run folder
-    folders = {row: T.run_config("smoke", "qata-synth", row, 0.5, 666, {}).out_dir for row in ("clip", "sss", "dcl", "dusss")}
+    folders = {row: run_config("smoke", "qata-synth", row, 0.5, 666, {}).out_dir for row in ("clip", "sss", "dcl", "dusss")}
     assert len(set(folders.values())) == 4, folders
-    assert all(f.endswith(T.run_name(row, 0.5, 666)) for row, f in folders.items())
-    assert T.run_config("smoke", "qata-synth", "mt", 0.5, 666, {}).out_dir == ""  # other rows keep the default folder
+    assert all(f.endswith(run_name(row, 0.5, 666)) for row, f in folders.items())
+    assert run_config("smoke", "qata-synth", "mt", 0.5, 666, {}).out_dir == ""  # other rows keep the default folder
 
 
 def test_measured_seconds_take_the_wall_time_of_grid_runs_and_training_time_of_adopted_or_resumed_ones(
         tmp_path, monkeypatch):
-    from dusss import paths
-    from dusss.tables import measured_seconds
-
-    monkeypatch.setattr(paths, "runs_dir", lambda: tmp_path)  # no pre-training runs to read
+    monkeypatch.setenv("DUSSS_RUNS", str(tmp_path))  # no pre-training runs to read
     # mt: adopted (0.2 s to copy a finished run), trained by the grid, resumed (the call did the last epochs)
     runs = pd.DataFrame({"method": ["mt", "mt", "mt", "dusss"], "ssmis_seconds": [0.2, 500.0, 300.0, 900.0],
                          "train_seconds": [450.0, 400.0, 600.0, 800.0]})
-    assert measured_seconds("demo", runs) == {"mt": 500.0, "dusss": 900.0}
+    assert T.measured_seconds("demo", runs) == {"mt": 500.0, "dusss": 900.0}

@@ -31,6 +31,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
 from .layout import DataError
+from .registry import GRAMMARS
 from .text import flip_report, rotate_report
 
 __all__ = ["POLICIES", "JointAugment", "apply_params", "apply_params_batch", "transform_text"]
@@ -155,14 +156,17 @@ class JointAugment:
         """Raise ``DataError`` now if some draw of this policy would make a ``grammar`` report false.
 
         Called by :class:`dusss.data.LViTDataset` when it is built, so a bad
-        combination fails at once instead of inside a DataLoader worker.
+        combination fails at once instead of inside a DataLoader worker. What a
+        grammar survives is its :class:`dusss.data.registry.GrammarSpec`
+        (``flips``, ``turns``).
         """
         if self.policy == "none":
             return
-        if self.p_flip > 0 and grammar not in ("qata", "monuseg", "bmseg"):
+        spec = GRAMMARS.get(grammar)
+        if self.p_flip > 0 and not (spec and spec.flips):
             raise DataError(f"augmentation {self!r} flips images, but reports of grammar {grammar!r} cannot be "
                             f"rewritten; use JointAugment(p_flip=0) (rotations only) or a known grammar")
-        if self.policy == "lvit" and self.p_rot90 > 0 and grammar not in ("monuseg", "bmseg"):
+        if self.policy == "lvit" and self.p_rot90 > 0 and not (spec and spec.turns):
             raise DataError(f"augmentation {self!r} draws quarter turns, which make {grammar!r} reports false; "
                             f"use policy='report-safe' or p_rot90=0")
 

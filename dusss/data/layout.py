@@ -29,6 +29,8 @@ from torch.utils.data import Dataset, Subset
 from ..errors import DusssError
 from ..utils import get_logger
 
+from .registry import GRAMMARS
+
 __all__ = [
     "DataError", "SPLITS", "IMAGE_EXTS", "Sample", "split_dir", "text_file", "scan_split", "read_text_table",
     "read_image", "read_mask", "load_pair", "LViTDataset", "write_text_table",
@@ -267,10 +269,8 @@ class LViTDataset(Dataset):
 
     def __init__(self, root: str | os.PathLike, split: str, image_size: int, *, augment: Callable | None = None,
                  text_mode: str = "qata", preload: bool = False, names: Sequence[str] | None = None):
-        from .text import GRAMMARS
-
         if text_mode not in GRAMMARS:
-            raise DataError(f"text_mode {text_mode!r} is not one of {GRAMMARS}")
+            raise DataError(f"text_mode {text_mode!r} is not one of {tuple(GRAMMARS)}")
         if int(image_size) < 8:
             raise DataError(f"image_size {image_size!r} is too small; use e.g. 128 or 224")
         if augment is not None and hasattr(augment, "check_grammar"):

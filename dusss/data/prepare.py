@@ -29,8 +29,10 @@ import numpy as np
 from ..config import Config
 from ..utils import atomic_write_json, get_logger
 
+from .augment import JointAugment
 from .layout import (SPLITS, DataError, LViTDataset, load_pair, read_mask, read_text_table, scan_split, split_dir,
                      text_file, write_text_table)
+from .registry import DATASETS, GRAMMARS, OWN_DATA, LiveMapping, LiveTuple, get_dataset
 from .text import describe_bmseg, describe_qata
 
 __all__ = ["EMBEDDED", "REAL", "MARKER", "TEXT_MODES", "resolve_dataset", "ensure_dataset", "text_mode_for",
@@ -38,56 +40,33 @@ __all__ = ["EMBEDDED", "REAL", "MARKER", "TEXT_MODES", "resolve_dataset", "ensur
 
 log = get_logger("dusss.data")
 MARKER = ".dusss_complete.json"  # written last into a generated folder
-EMBEDDED = ("qata-synth", "nuclei-real")
-REAL = ("qata", "monuseg", "bmseg", "lvit")
-TEXT_MODES = {"qata-synth": "qata", "qata": "qata", "nuclei-real": "monuseg", "monuseg": "monuseg",
-              "bmseg": "bmseg", "lvit": "none"}
-_PREPARE = {  # the command that turns a raw download into the LViT layout
-    "qata": "python -m dusss data prepare-qata {raw} --text-dir <LViT text folder> --data-root {out}",
-    "bmseg": "python -m dusss data prepare-bmseg {raw} --data-root {out}",
-}
-_HOW = {
-    "qata": _PREPARE["qata"].format(raw="<QaTa-COV19-v2 folder>", out="{root}"),
-    "bmseg": _PREPARE["bmseg"].format(raw="<BM-Seg folder>", out="{root}"),
-    "monuseg": "download LViT's MoNuSeg folder (already in the LViT layout) to {root}, or set data_root / $DUSSS_DATA",
-    "lvit": "put your data in the LViT layout at {root} (README 'Your own data') or set data_root",
-}
-# raw downloads, recognised by the folders prepare_qata / prepare_bmseg (or the MoNuSeg challenge archive) hold
-_RAW = {
-    "qata": ("a raw QaTa-COV19-v2 download", ("Train Set", "Test Set")),
-    "bmseg": ("a raw BM-Seg download", ("image", "lesion mask")),
-    "monuseg": ("the raw MoNuSeg challenge download", ("Tissue Images", "Annotations")),
-}
+# views of the data-set registry (dusss.data.registry), kept under their old names
+EMBEDDED = LiveTuple(lambda: tuple(n for n, s in DATASETS.items() if s.generated), "the generated (embedded) sets")
+REAL = LiveTuple(lambda: tuple(n for n, s in DATASETS.items() if not s.generated), "the sets read from data_root")
+TEXT_MODES = LiveMapping(lambda: {n: s.grammar for n, s in DATASETS.items()}, "data set -> its report grammar")
 
 
 def text_mode_for(dataset: str) -> str:
-    """The report grammar of a data set name (``qata``, ``monuseg``, ``bmseg`` or ``none`` for own data)."""
-    if dataset not in TEXT_MODES:
-        raise DataError(f"unknown dataset {dataset!r}; choose one of {sorted(TEXT_MODES)}")
-    return TEXT_MODES[dataset]
+    """The report grammar of a data set name (``qata``, ``monuseg``, ``bmseg`` or ``none`` for own data).
+
+    Read from the set's :class:`dusss.data.registry.DatasetSpec`; an unknown
+    name raises ``ConfigError`` listing the registered sets.
+    """
+    return get_dataset(dataset).grammar
 
 
 def _generation_params(cfg: Config) -> dict:
-    from .synth import SYNTH_VERSION
-
-    if cfg.dataset == "qata-synth":
-        return {"dataset": cfg.dataset, "version": SYNTH_VERSION, "seed": cfg.resolved_data_seed(),
-                "train": cfg.synth_train, "val": cfg.synth_val, "test": cfg.synth_test, "size": cfg.synth_size}
-    from .nuclei import NUCLEI_VERSION
-
-    return {"dataset": cfg.dataset, "version": NUCLEI_VERSION, "seed": cfg.resolved_data_seed(),
-            "patch": cfg.nuclei_patch}
+    """What the completion marker of a generated set records: a folder with other values is regenerated."""
+    gen = get_dataset(cfg.dataset).generator
+    _, version = gen.load()
+    return {"dataset": cfg.dataset, "version": version, "seed": cfg.resolved_data_seed(),
+            **{key: getattr(cfg, field) for key, field in gen.settings}}
 
 
 def _generate(cfg: Config, folder: Path) -> dict:
-    if cfg.dataset == "qata-synth":
-        from .synth import generate_qata_synth
-
-        return generate_qata_synth(folder, cfg.synth_train, cfg.synth_val, cfg.synth_test, cfg.synth_size,
-                                   cfg.resolved_data_seed())
-    from .nuclei import generate_nuclei_real
-
-    return generate_nuclei_real(folder, cfg.nuclei_patch, cfg.resolved_data_seed())
+    gen = get_dataset(cfg.dataset).generator
+    function, _ = gen.load()
+    return function(folder, *(getattr(cfg, field) for _, field in gen.settings), cfg.resolved_data_seed())
 
 
 def _read_marker(root: Path) -> dict | None:
@@ -97,16 +76,14 @@ def _read_marker(root: Path) -> dict | None:
         return None
 
 
-_PREFIX = {"qata-synth": "synth_", "nuclei-real": "nuclei_"}  # file names the generators write
-
-
 def _looks_generated(root: Path, dataset: str) -> bool:
     """True when ``root`` holds only split folders whose images carry the generator's file prefix."""
     entries = [p for p in root.iterdir() if p.name != MARKER]
     if any(p.name not in SPLITS.values() for p in entries):
         return False
     files = [f for p in entries for f in p.rglob("*") if f.is_file() and f.parent.name == "img"]
-    return all(f.name.startswith(_PREFIX[dataset]) for f in files)
+    prefix = get_dataset(dataset).generator.file_prefix  # the generator's own file names
+    return all(f.name.startswith(prefix) for f in files)
 
 
 def _has_lvit_layout(root: Path) -> bool:
@@ -115,17 +92,20 @@ def _has_lvit_layout(root: Path) -> bool:
 
 
 def _raw_download_error(root: Path) -> DataError | None:
-    """The ``DataError`` for a raw QaTa-COV19 / BM-Seg / MoNuSeg download at ``root``, else ``None``."""
-    for key, (what, folders) in _RAW.items():
-        if all(_find_dir(root, name) is not None for name in folders):
-            if key in _PREPARE:
-                todo = (f"convert it with `{_PREPARE[key].format(raw=root, out='<new folder>')}` "
-                        f"and use the new folder as data_root")
-            else:
-                todo = ("dusss reads MoNuSeg in the LViT layout with LViT's text: download LViT's MoNuSeg folder "
-                        "and use it as data_root")
-            return DataError(f"{root} is {what} ({', '.join(folders)}), not a data set in the LViT layout; {todo}")
+    """The ``DataError`` for a raw download of a registered set at ``root`` (``DatasetSpec.raw``), else ``None``."""
+    for spec in DATASETS.values():
+        raw = spec.raw
+        if raw is not None and all(_find_dir(root, name) is not None for name in raw.folders):
+            command = spec.prepare_command(str(root), "<new folder>")
+            todo = f"convert it with `{command}` and use the new folder as data_root" if command else raw.advice
+            return DataError(f"{root} is {raw.what} ({', '.join(raw.folders)}), not a data set in the LViT layout; "
+                             f"{todo}")
     return None
+
+
+def _either(words: list[str]) -> str:
+    """``"a, b or c"``."""
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
 
 
 _announced: set[tuple[Path, str]] = set()  # (root, dataset) pairs already logged in this process
@@ -134,9 +114,9 @@ _announced: set[tuple[Path, str]] = set()  # (root, dataset) pairs already logge
 def resolve_dataset(cfg: Config) -> Config:
     """``cfg`` with ``dataset`` set to what its data folder holds, when it names an embedded set the folder is not.
 
-    Applies only to ``qata-synth`` and ``nuclei-real`` (a folder that does not
-    exist yet, is empty, or was generated for that set is left to
-    :func:`ensure_dataset`). A folder in the LViT layout that dusss did not
+    Applies only to generated sets (``qata-synth``, ``nuclei-real``): a folder
+    that does not exist yet, is empty, or was generated for that set is left to
+    :func:`ensure_dataset`. A folder in the LViT layout that dusss did not
     generate is read as the own-data set ``lvit`` (reports used as written);
     a folder dusss generated for the other embedded set is read as that set.
     Either switch is logged once, with ``data_root`` pinned to the folder (the
@@ -156,13 +136,15 @@ def resolve_dataset(cfg: Config) -> Config:
             return cfg
         why = f"was generated by dusss as {found}"
     elif _has_lvit_layout(root) and not _looks_generated(root, cfg.dataset):
-        found, why = "lvit", "holds a data set in the LViT layout that dusss did not generate"
+        found, why = OWN_DATA, "holds a data set in the LViT layout that dusss did not generate"
     else:
         return cfg
     if (root, found) not in _announced:
         _announced.add((root, found))
-        hint = ("; if its reports follow the QaTa-COV19, MoNuSeg or BM-Seg grammar, say so with "
-                "--set dataset=qata|monuseg|bmseg (papermill: -p dataset ...)" if found == "lvit" else "")
+        named = [s for s in DATASETS.values() if not s.generated and s.paper and s.grammar != "none"]
+        hint = (f"; if its reports follow the {_either(list(dict.fromkeys(s.paper for s in named)))} grammar, say "
+                f"so with --set dataset={'|'.join(s.name for s in named)} (papermill: -p dataset ...)"
+                if found == OWN_DATA and named else "")
         log.info("data_root %s %s: reading it as dataset=%s instead of %s%s", root, why, found, cfg.dataset, hint)
     return cfg.replace(dataset=found, data_root=str(root))
 
@@ -201,17 +183,17 @@ def ensure_dataset(cfg: Config) -> Path:
     """
     cfg = resolve_dataset(cfg)
     root = cfg.resolved_data_root()
-    if cfg.dataset in REAL:
+    spec = get_dataset(cfg.dataset)
+    if not spec.generated:
+        how = spec.prepare_command(spec.raw.placeholder if spec.raw else "<raw download folder>", str(root))
+        how = how or spec.missing.format(root=root)
         missing = [name for name in SPLITS.values() if not (root / name).is_dir()]
         if missing and root.is_dir():
             raise _raw_download_error(root) or DataError(
-                f"data folder {root} has no {', '.join(missing)}; {_HOW[cfg.dataset].format(root=root)}")
+                f"data folder {root} has no {', '.join(missing)}; {how}")
         if missing:
-            raise DataError(f"data folder {root} has no {', '.join(missing)} (the folder does not exist); "
-                            f"{_HOW[cfg.dataset].format(root=root)}")
+            raise DataError(f"data folder {root} has no {', '.join(missing)} (the folder does not exist); {how}")
         return root
-    if cfg.dataset not in EMBEDDED:
-        raise DataError(f"unknown dataset {cfg.dataset!r}; choose one of {EMBEDDED + REAL}")
     params = _generation_params(cfg)
     if _read_marker(root) == params:
         return root
@@ -236,13 +218,15 @@ def ensure_dataset(cfg: Config) -> Path:
 
 
 def default_augment(cfg: Config):
-    """The training augmentation of a config: report-safe joint flips/rotations, or ``None`` when ``augment`` is off."""
-    from .augment import JointAugment
+    """The training augmentation of a config: report-safe joint flips/rotations, or ``None`` when ``augment`` is off.
 
+    Flips are drawn only for a set whose report grammar survives them
+    (:attr:`dusss.data.registry.GrammarSpec.flips`); otherwise small rotations only.
+    """
     if not cfg.augment:
         return None
-    grammar = text_mode_for(resolve_dataset(cfg).dataset)
-    return JointAugment("report-safe", p_flip=0.0 if grammar == "none" else 0.5)
+    grammar = GRAMMARS[text_mode_for(resolve_dataset(cfg).dataset)]
+    return JointAugment("report-safe", p_flip=0.5 if grammar.flips else 0.0)
 
 
 def open_split(cfg: Config, split: str, *, augment=None, preload: bool = False) -> LViTDataset:

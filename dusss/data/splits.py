@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..paths import tagged
 from ..utils import atomic_write_json, repo_root
 from .layout import DataError
 
@@ -97,8 +98,6 @@ def split_for(cfg, names: Sequence[str]) -> tuple[list[str], list[str]]:
     same result, since the split is a function of the names, ratio and seed.
     Nothing is written here; ``save_split`` publishes a split.
     """
-    from ..paths import tagged
-
     key = tagged(cfg.dataset, cfg.profile)
     seed = cfg.resolved_data_seed()
     if split_path(key, cfg.ratio, seed).is_file():

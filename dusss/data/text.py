@@ -22,12 +22,14 @@ import re
 import numpy as np
 from scipy import ndimage
 
+from .registry import GRAMMARS
+
 __all__ = [
     "describe_qata", "describe_monuseg", "describe_bmseg", "parse_qata", "render_qata",
     "flip_report", "rotate_report", "paraphrase", "NUMBER_WORDS", "GRAMMARS",
 ]
 
-GRAMMARS = ("qata", "monuseg", "bmseg", "none")  # text grammars the package knows how to transform
+# GRAMMARS (dusss.data.registry): the report grammars, name -> GrammarSpec saying which transforms keep a report true
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 _ZONES = ("upper", "middle", "lower")
 _EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity: diagonal pixels belong to one lesion
@@ -233,9 +235,10 @@ def flip_report(text: str, grammar: str) -> str:
         if parsed is not None:
             count, locs = parsed
             return render_qata(count, {_SWAP_LR[s]: z for s, z in locs.items()})
-    if grammar in ("qata", "monuseg", "bmseg"):
+    flippable = tuple(name for name, spec in GRAMMARS.items() if spec.flips)  # image-side left/right words
+    if grammar in flippable:
         return re.sub(r"\b(left|right)\b", lambda mt: _SWAP_LR[mt.group(1)], text)
-    raise ValueError(f"cannot flip a report of grammar {grammar!r}; use one of {GRAMMARS[:-1]} or a report-safe augmentation")
+    raise ValueError(f"cannot flip a report of grammar {grammar!r}; use one of {flippable} or a report-safe augmentation")
 
 
 # A quarter turn counter-clockwise (torch.rot90 k=1 on (H, W)) sends grid cell (r, c) of an

@@ -2,7 +2,7 @@
 
 ``python -m dusss grid --grid sweep --datasets qata-synth nuclei-real --seeds 666-670 --workers 2``
 
-- Each run is :func:`dusss.tables.run_one`: its results file
+- Each run is :func:`dusss.experiments.tables.run_one`: its results file
   ``results/runs/<dataset>-<profile>/<run name>.json`` is written atomically
   when the run ends, and a run whose file exists is skipped, so the command can
   be stopped at any point and started again: finished runs are kept, and an
@@ -11,7 +11,7 @@
   ``cores // N`` torch threads (two processes with two threads each on two
   cores run at a fraction of the speed of two with one).
 - Text-guided rows need a Step-1 VLM for their switches, data seed and
-  pre-training share (:func:`dusss.tables.pretrain_ratio`); those are trained
+  pre-training share (:func:`dusss.runs.pretrain_ratio`); those are trained
   first, one job each, so two runs never pre-train the same VLM at once.
 
 The grids (:data:`GRIDS`) are named sets of (row, share) cells; ``--list``
@@ -28,9 +28,11 @@ from typing import Iterable
 from tqdm.auto import tqdm
 
 from ..config import Config, parse_overrides
-from ..paths import default_vlm_checkpoint
+from ..pretrain import pretrain
+from ..runs import (ROWS, TABLE1_ROWS, TABLE2_ROWS, default_vlm_checkpoint, needs_vlm, pretrain_config, run_config,
+                    run_file, run_name)
 from ..utils import get_logger
-from .. import tables
+from .tables import run_one
 
 __all__ = ["GRIDS", "LOWEST_SHARE", "grid_jobs", "run_jobs", "parse_seeds", "run"]
 
@@ -46,9 +48,9 @@ GRIDS: dict[str, tuple[tuple[str, float], ...]] = {
     # the headline contrasts: DuSSS - MT, MT - labelled-only, DuSSS - CLIP-style at every share
     "headline": tuple((r, q) for q in SHARES for r in ("unet", "mt", "dusss", "clip")) + (("unet100", 1.0),),
     # Table 1 (the rows implemented here) and Table 2 (the switch combinations at 50 %)
-    "table1": tuple((r, q) for q in SHARES for r in tables.TABLE1_ROWS if tables.ROWS[r].ratio is None)
+    "table1": tuple((r, q) for q in SHARES for r in TABLE1_ROWS if ROWS[r].ratio is None)
     + (("unet100", 1.0),),
-    "table2": tuple((r, 0.5) for r in tables.TABLE2_ROWS),
+    "table2": tuple((r, 0.5) for r in TABLE2_ROWS),
 }
 
 
@@ -77,7 +79,7 @@ def grid_jobs(profile: str, grids: Iterable[str], datasets: Iterable[str], seeds
                 if name not in GRIDS:
                     raise ValueError(f"unknown grid {name!r}; choose from {', '.join(GRIDS)}")
                 for row, share in GRIDS[name]:
-                    key = f"{dataset}/{tables.run_name(row, share, seed)}"
+                    key = f"{dataset}/{run_name(row, share, seed)}"
                     jobs.setdefault(key, (dataset, row, share, seed))
     return list(jobs.values())
 
@@ -88,29 +90,27 @@ def _threads(workers: int) -> int:
 
 def _pretrain_job(profile: str, dataset: str, row: str, share: float, seed: int, overrides: dict,
                   threads: int) -> str:
-    from ..pretrain import pretrain
-
-    cfg = tables.run_config(profile, dataset, row, share, seed, {**overrides, "num_threads": threads})
+    cfg = run_config(profile, dataset, row, share, seed, {**overrides, "num_threads": threads})
     path = default_vlm_checkpoint(cfg)
     if not path.is_file():
-        pretrain(cfg.replace(ratio=tables.pretrain_ratio(cfg.ratio), out_dir=""), progress=False)
+        pretrain(pretrain_config(cfg), progress=False)
     return str(path)
 
 
 def _run_job(profile: str, dataset: str, row: str, share: float, seed: int, overrides: dict, threads: int) -> dict:
-    return tables.run_one(profile, dataset, row, share, seed, overrides={**overrides, "num_threads": threads})
+    return run_one(profile, dataset, row, share, seed, overrides={**overrides, "num_threads": threads})
 
 
 def run_jobs(profile: str, jobs: list[tuple], *, workers: int = 1, overrides: dict | None = None,
              progress: bool = True) -> list[dict]:
     """Run every job whose results file is missing, ``workers`` at a time; returns the results of those run."""
     overrides = dict(overrides or {})
-    todo = [j for j in jobs if not tables.run_file(profile, *j).is_file()]
+    todo = [j for j in jobs if not run_file(profile, *j).is_file()]
     threads = _threads(workers)
     vlms: dict[str, tuple] = {}
     for dataset, row, share, seed in todo:
-        if tables.needs_vlm(row):
-            cfg = tables.run_config(profile, dataset, row, share, seed, overrides)
+        if needs_vlm(row):
+            cfg = run_config(profile, dataset, row, share, seed, overrides)
             if not default_vlm_checkpoint(cfg).is_file():
                 vlms.setdefault(str(default_vlm_checkpoint(cfg)), (dataset, row, share, seed))
     log.info("grid: %d of %d runs to do (%d VLMs to pre-train first), %d worker(s) x %d thread(s)", len(todo),
@@ -143,14 +143,14 @@ def run(args, cfg: Config) -> int:
                                                                                          "method")}
     jobs = grid_jobs(cfg.profile, args.grid, args.datasets, parse_seeds(args.seeds))
     if args.list:
-        done = [j for j in jobs if tables.run_file(cfg.profile, *j).is_file()]
+        done = [j for j in jobs if run_file(cfg.profile, *j).is_file()]
         print(f"{len(jobs)} runs in grid(s) {', '.join(args.grid)}; {len(done)} done, {len(jobs) - len(done)} to do")
         for dataset, row, share, seed in jobs:
-            mark = "done" if tables.run_file(cfg.profile, dataset, row, share, seed).is_file() else "todo"
+            mark = "done" if run_file(cfg.profile, dataset, row, share, seed).is_file() else "todo"
             print(f"  {mark}  {dataset:<12} {row:<8} {share:<5g} seed {seed}")
         return 0
     t0 = time.time()
     results = run_jobs(cfg.profile, jobs, workers=args.workers, overrides=overrides)
     print(f"{len(results)} runs trained in {(time.time() - t0) / 3600:.2f} h; results under "
-          f"{tables.run_file(cfg.profile, args.datasets[0], 'unet', 0.5, 0).parent.parent}")
+          f"{run_file(cfg.profile, args.datasets[0], 'unet', 0.5, 0).parent.parent}")
     return 0

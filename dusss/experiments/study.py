@@ -23,10 +23,10 @@ import pandas as pd
 
 from ..config import Config, make_config, parse_overrides
 from ..paths import results_dir, runs_dir, tagged
+from ..runs import run_file
 from ..ssmis import train_ssmis
 from ..stats import paired_difference
 from ..utils import atomic_write_json, get_logger
-from .. import tables
 from .grid import LOWEST_SHARE, _in_pool, parse_seeds, run_jobs
 
 __all__ = ["RECIPES", "study_file", "run_recipe", "run_study", "load_study", "summarise", "choose", "plot_curves",
@@ -102,7 +102,7 @@ def load_study(profile: str) -> pd.DataFrame:
                                         "curve_val_dice", "curve_teacher_dice"])
     for dataset in sorted(set(study["dataset"])):
         for seed in sorted(set(study.loc[study["dataset"] == dataset, "seed"])):
-            path = tables.run_file(profile, dataset, "unet", LOWEST_SHARE, seed)
+            path = run_file(profile, dataset, "unet", LOWEST_SHARE, seed)
             if path.is_file():
                 m = json.loads(path.read_text())
                 study.loc[len(study)] = [dataset, "labelled-only", seed, m["val_dice"], m["best_epoch"], False,

@@ -11,14 +11,15 @@ Adding a method is one module here (or anywhere: a package of your own) and one
 from __future__ import annotations
 
 from ..config import ConfigError, register_choices
-from .base import Method, Models, StepBatch, StepOutput
+from .base import Method, Models, StepBatch, StepOutput, method_parameters, optimizer_groups
 from .bcp import BCP
 from .dusss import DuSSS
 from .mean_teacher import MeanTeacher
 from .supervised import Supervised
 from .ucmt import UCMT
 
-__all__ = ["METHODS", "register", "get_method", "Method", "Models", "StepBatch", "StepOutput"]
+__all__ = ["METHODS", "register", "get_method", "Method", "Models", "StepBatch", "StepOutput", "method_parameters",
+           "optimizer_groups"]
 
 METHODS: dict[str, type[Method]] = {}
 

@@ -9,10 +9,21 @@ A method owns only its loss: :meth:`Method.step` receives a :class:`StepBatch`
 and the :class:`Models` and returns a :class:`StepOutput`; the loop then takes
 the optimiser step and the EMA update. It never branches on a method's name:
 what a method needs is read from its class attributes.
+
+A method that trains modules of its own beside the student through the same
+loss (CCT's auxiliary decoders, MC-Net's extra decoders, SS-Net's heads) may
+define the one optional hook ``parameters()``; :func:`method_parameters` reads
+it and the loop puts those parameters in its optimiser as a second parameter
+group (same learning rate and schedule; the optimiser's state is saved with
+the loop's), while the modules' weights travel in the method's
+:meth:`Method.state_dict`. A method whose extra network has a loss of its own
+can instead hold its own optimiser and step it inside :meth:`Method.step`
+(UCMT's second student).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -20,7 +31,7 @@ from torch import Tensor, nn
 
 from ..config import Config
 
-__all__ = ["StepBatch", "StepOutput", "Models", "Method"]
+__all__ = ["StepBatch", "StepOutput", "Models", "Method", "method_parameters", "optimizer_groups", "build_owned"]
 
 
 @dataclass
@@ -79,7 +90,10 @@ class Method(Protocol):
     tables and figures, ``summary`` one line for the CLI help. The constructor
     takes ``(cfg, device)``; :meth:`state_dict` / :meth:`load_state_dict` hold
     whatever the method keeps between steps (a second network, an RNG) so an
-    interrupted run resumes exactly.
+    interrupted run resumes exactly. Optional hook (not part of the runtime
+    check): ``parameters() -> Iterable[nn.Parameter]``, the parameters of the
+    method's own modules that the loop's optimiser trains with the student's
+    (module docstring).
     """
 
     name: ClassVar[str]
@@ -97,3 +111,44 @@ class Method(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+def method_parameters(method: object) -> list[nn.Parameter]:
+    """The trainable parameters of ``method``'s own modules: its optional ``parameters()`` hook, else none.
+
+    Parameters that do not require gradients are left out; a parameter listed
+    twice is kept once.
+    """
+    hook = getattr(method, "parameters", None)
+    if hook is None:
+        return []
+    seen: dict[int, nn.Parameter] = {}
+    for p in hook():
+        if p.requires_grad:
+            seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def optimizer_groups(student: nn.Module, method: object) -> list[dict[str, Iterable[nn.Parameter]]]:
+    """Parameter groups of the loop's optimiser: the student's, then the method's own (when it has any).
+
+    With no method parameters this is the single group the loop always had,
+    so optimiser states saved before the hook existed still load.
+    """
+    extra = method_parameters(method)
+    student_params = list(student.parameters())
+    clash = {id(p) for p in student_params} & {id(p) for p in extra}
+    if clash:
+        raise ValueError(f"{type(method).__name__}.parameters() returns {len(clash)} parameters of the student; "
+                         "it must list only the method's own modules")
+    return [{"params": student_params}] + ([{"params": extra}] if extra else [])
+
+
+def build_owned(cfg: Config, device: torch.device | str, seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+    """A method's own module: ``build()`` initialised from ``seed`` without touching the loop's random state,
+    on ``device``, in the loop's memory format (``cfg.channels_last``), in train mode."""
+    with torch.random.fork_rng(devices=[]):  # its own initialisation, leaving the loop's RNG untouched
+        torch.manual_seed(seed)
+        module = build()
+    memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    return module.to(device).to(memory_format=memory).train()

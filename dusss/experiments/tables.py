@@ -3,7 +3,7 @@
 The grid: every (row, label ratio, data set, seed) is one Step-2 run
 (:func:`dusss.ssmis.train_ssmis`), preceded for text-guided rows by the Step-1
 pre-training with that row's loss switches (:func:`dusss.pretrain.pretrain`;
-each switch combination has its own folder, :func:`dusss.paths.vlm_variant`).
+each switch combination has its own folder, :func:`dusss.runs.vlm_variant`).
 :func:`run_grid` writes one small JSON per run under
 ``results/runs/<dataset>-<profile>/`` (the run's ``metrics.json`` plus the
 row, the VLM's switches and the seconds spent) and reuses those files unless
@@ -19,8 +19,8 @@ same seed draws the same data and labelled subset for every row),
 paper this project does not implement, to the generated page
 ``docs/tables_generated.md`` (README.md is never written by code).
 
-Rows (``ROWS``): Table 1 = U-Net at 100 % labels, U-Net on the labelled part
-only, Mean Teacher, BCP (:mod:`dusss.methods.bcp`), a CLIP-style VLM (DuSSS's
+Rows (:data:`dusss.runs.ROWS`, with the run names and the VLM each reads):
+Table 1 = U-Net at 100 % labels, U-Net on the labelled part only, Mean Teacher, BCP (:mod:`dusss.methods.bcp`), a CLIP-style VLM (DuSSS's
 Step 2 with a VLM pre-trained by plain cross-modal InfoNCE: SSS, IMC and
 ``L_tg`` off) and DuSSS; BCP and a simplified UCMT come from
 :mod:`dusss.methods.bcp` and :mod:`dusss.methods.ucmt`. Table 2 = the seven switch combinations of the paper at 50 %
@@ -30,140 +30,60 @@ its last row the DuSSS run, shared with Table 1.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
+import torch
+from matplotlib.ticker import NullLocator
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
 
-from .config import Config, ConfigError, make_config, parse_overrides
-from .methods import get_method
-from .paths import PRETRAIN_RATIO, default_vlm_checkpoint, pretrain_ratio, results_dir, tagged
-from .stats import paired_difference, t_interval
-from .utils import atomic_write_json, atomic_write_text, get_logger, repo_root
+from ..config import Config, make_config, parse_overrides
+from ..data.registry import PAPER_KEYS, PAPER_NAMES, PAPER_ONLY
+from ..paper_tables import paper_table1, paper_table2
+from ..paths import results_dir, runs_dir, tagged
+from ..plotting import figures_dir, save_figure
+from ..pretrain import pretrain
+from ..runs import (ROWS, TABLE1_ROWS, TABLE2_ROWS, default_vlm_checkpoint, needs_vlm, pretrain_config, row_spec,
+                    run_config, run_file, run_name, ssmis_dir)
+from ..ssmis import train_ssmis
+from ..stats import paired_difference, t_interval
+from ..unet import build_unet, count_parameters
+from ..utils import atomic_write_json, atomic_write_text, get_logger, repo_root
 
-__all__ = ["RowSpec", "ROWS", "TABLE1_ROWS", "TABLE2_ROWS", "PAPER_NAMES", "run_name", "run_file", "run_one",
-           "run_grid", "load_runs", "summarise", "render_tables", "complexity", "write_outputs", "plot_tables",
-           "grid_cost", "measured_seconds", "write_results_page", "RESULTS_PAGE",
-           "PRETRAIN_RATIO", "pretrain_ratio", "needs_vlm",
-           "run_config", "COMPONENTS", "PAPER_ONLY",
-           "component_effects", "row_contrasts", "CONTRASTS", "HEADLINE_CONTRASTS", "coverage",
+__all__ = ["PAPER_NAMES", "PAPER_ONLY", "run_one", "run_grid", "load_runs", "summarise", "render_tables", "complexity",
+           "write_outputs", "plot_tables", "grid_cost", "measured_seconds", "write_results_page", "RESULTS_PAGE",
+           "COMPONENTS", "component_effects", "row_contrasts", "CONTRASTS", "HEADLINE_CONTRASTS", "coverage",
            "plot_differences", "EFFICIENCY_ROWS", "label_efficiency", "plot_label_efficiency"]
 
 log = get_logger(__name__)
 
-PAPER_NAMES = {"qata-synth": "QaTa-COV19", "qata": "QaTa-COV19", "nuclei-real": "MoNuSeg", "monuseg": "MoNuSeg",
-               "bmseg": "BM-Seg"}  # our data set -> the paper's column it stands in for
-_PAPER_KEY = {"QaTa-COV19": "qata", "BM-Seg": "bmseg", "MoNuSeg": "monuseg"}
-PAPER_ONLY = ("BM-Seg",)  # the paper's data sets with no embedded stand-in: shown as paper-only columns
-
-
-@dataclass(frozen=True)
-class RowSpec:
-    """One row of Table 1 or 2: how to train it (``method`` + VLM switches) and where the paper's numbers are.
-
-    ``method`` None = not implemented (the row shows the paper's numbers only);
-    ``ratio`` fixes the label share (U-Net 100 %); ``paper1`` is the method's
-    name in the paper's Table 1, ``paper2`` its ``(sss, dcl, tg)`` in Table 2.
-    """
-
-    label: str
-    method: str | None
-    switches: Mapping[str, bool] = field(default_factory=dict)
-    ratio: float | None = None
-    paper1: str | None = None
-    paper2: tuple[int, int, int] | None = None
-
-
-def _vlm(sss: bool, imc: bool, tg: bool) -> dict[str, bool]:
-    return {"use_sss": sss, "use_cmc": True, "use_imc": imc, "use_tg": tg}
-
-
-ROWS: dict[str, RowSpec] = {
-    "unet100": RowSpec("U-Net, 100 % labels", "supervised", ratio=1.0, paper1="U-Net"),
-    "unet": RowSpec("U-Net, labelled part only", "supervised"),
-    "mt": RowSpec("Mean Teacher", "mt", paper1="MT", paper2=(0, 0, 0)),
-    "bcp": RowSpec("BCP", "bcp", paper1="BCP"),
-    "ucmt": RowSpec("UCMT (simplified)", "ucmt", paper1="UCMT"),
-    "clip": RowSpec("CLIP-style VLM + text-guided SSMIS", "dusss", _vlm(False, False, False)),
-    "sss": RowSpec("SSS", "dusss", _vlm(True, False, False), paper2=(1, 0, 0)),
-    "dcl": RowSpec("DCL", "dusss", _vlm(False, True, False), paper2=(0, 1, 0)),
-    "sss+tg": RowSpec("SSS + L_tg", "dusss", _vlm(True, False, True), paper2=(1, 0, 1)),
-    "dcl+tg": RowSpec("DCL + L_tg", "dusss", _vlm(False, True, True), paper2=(0, 1, 1)),
-    "sss+dcl": RowSpec("SSS + DCL", "dusss", _vlm(True, True, False), paper2=(1, 1, 0)),
-    "dusss": RowSpec("DuSSS (SSS + DCL + L_tg)", "dusss", _vlm(True, True, True), paper1="DuSSS", paper2=(1, 1, 1)),
-}
-TABLE1_ROWS = ("unet100", "unet", "mt", "bcp", "ucmt", "clip", "dusss")
-TABLE2_ROWS = ("mt", "sss", "dcl", "sss+tg", "dcl+tg", "sss+dcl", "dusss")
-
-
-def _spec(row: str) -> RowSpec:
-    if row not in ROWS:
-        raise ConfigError(f"unknown table row {row!r}; choose from {', '.join(ROWS)}")
-    return ROWS[row]
-
-
-def run_name(row: str, ratio: float, seed: int) -> str:
-    """File stem of one run: ``<method>[-<vlm variant>]-r<ratio>-s<seed>``, shared by rows that train the same thing.
-
-    Table 2's baseline and Table 1's Mean Teacher are one run; so are the two
-    DuSSS rows.
-    """
-    spec = _spec(row)
-    ratio = spec.ratio if spec.ratio is not None else ratio
-    variant = ""
-    if spec.switches:
-        s = spec.switches
-        variant = f"-sss{int(s['use_sss'])}-cmc{int(s['use_cmc'])}-imc{int(s['use_imc'])}-tg{int(s['use_tg'])}"
-    return f"{spec.method}{variant}-r{ratio:g}-s{seed}"
-
-
-def run_file(profile: str, dataset: str, row: str, ratio: float, seed: int) -> Path:
-    """``results/runs/<dataset>-<profile>/<run_name>.json``: the run's saved results."""
-    return results_dir() / "runs" / f"{dataset}-{profile}" / f"{run_name(row, ratio, seed)}.json"
-
-
-def needs_vlm(row: str) -> bool:
-    """Whether the row's method reads the Step-1 VLM's text-guided masks (so a VLM must be pre-trained first)."""
-    spec = _spec(row)
-    return spec.method is not None and get_method(spec.method).uses_text
-
-
-def run_config(profile: str, dataset: str, row: str, ratio: float, seed: int, overrides: Mapping[str, Any]) -> Config:
-    """The run's config. Text-guided rows train in a folder named by their VLM switches
-    (``dusss-sss1-cmc1-imc0-tg1-r0.5-s666``): :func:`dusss.paths.ssmis_dir` names a run by
-    method, ratio and seed only, so rows that differ only in their VLM would otherwise share
-    one folder and each would retrain over the other's finished run."""
-    from .paths import ssmis_dir
-
-    spec = _spec(row)
-    ratio = spec.ratio if spec.ratio is not None else ratio
-    cfg = make_config(profile, dict(overrides), dataset=dataset, method=spec.method, ratio=ratio, seed=seed,
-                      **spec.switches)
-    if spec.switches and not cfg.out_dir:
-        cfg = cfg.replace(out_dir=str(ssmis_dir(cfg).parent / run_name(row, ratio, seed)))
-    return cfg
+# Live views of the data-set registry (dusss.data.registry, each DatasetSpec.paper): PAPER_NAMES, our data set -> the
+# paper's column it is or stands in for; _PAPER_KEY, that column -> the real set whose name keys its numbers in
+# dusss.paper_tables; PAPER_ONLY, the paper's data sets with no generated stand-in, shown as paper-only columns.
+_PAPER_KEY = PAPER_KEYS
 
 
 def run_one(profile: str, dataset: str, row: str, ratio: float, seed: int, *,
             overrides: Mapping[str, Any] | None = None, rerun: bool = False, progress: bool = False) -> dict:
-    """Train (or reuse) one run of the grid and return its results dict (also written to :func:`run_file`).
+    """Train (or reuse) one run of the grid and return its results dict (also written to :func:`dusss.runs.run_file`).
 
     An existing results file is returned as it is unless ``rerun``. Otherwise a
     text-guided row first pre-trains its VLM if the checkpoint of its switches
-    is missing (on the :data:`PRETRAIN_RATIO` split, so one VLM serves 25 % and
+    is missing (on the :data:`dusss.runs.PRETRAIN_RATIO` split, so one VLM serves 25 % and
     50 %), then :func:`dusss.ssmis.train_ssmis` trains the segmentation network
     (``rerun`` retrains it from scratch; a finished run folder is otherwise
     reused). The file holds the run's ``metrics.json`` plus ``row``,
     ``switches``, ``pretrain_seconds`` and ``ssmis_seconds`` (wall time of this
     call; 0 when reused).
     """
-    from .pretrain import pretrain
-    from .ssmis import train_ssmis
-
-    spec = _spec(row)
+    spec = row_spec(row)
     if spec.method is None:
         raise ValueError(f"row {row!r} ({spec.label}) has no implementation in this project; drop it from the grid")
     path = run_file(profile, dataset, row, ratio, seed)
@@ -174,7 +94,7 @@ def run_one(profile: str, dataset: str, row: str, ratio: float, seed: int, *,
     if needs_vlm(row) and not default_vlm_checkpoint(cfg).is_file():
         t0 = time.perf_counter()
         log.info("no VLM at %s: pre-training it (%s)", default_vlm_checkpoint(cfg), row)
-        pretrain(cfg.replace(ratio=pretrain_ratio(cfg.ratio), out_dir=""), progress=progress)
+        pretrain(pretrain_config(cfg), progress=progress)
         pre_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     metrics = train_ssmis(cfg.replace(resume=not rerun), progress=progress)
@@ -197,24 +117,20 @@ def run_grid(profile: str, datasets: Iterable[str], seeds: Iterable[int], *,
     are trained once (rows without an implementation are skipped). With ``run_missing=False`` nothing is trained: only the
     results files already under ``results/runs/`` are read, plus (``adopt_finished``)
     the runs finished elsewhere, e.g. by ``python -m dusss ssmis``: a missing
-    results file whose run folder (:func:`dusss.paths.ssmis_dir`) holds a
+    results file whose run folder (:func:`dusss.runs.ssmis_dir`) holds a
     ``metrics.json`` with the same settings (and, for text-guided rows, the
     VLM) is written from it without training; folders of other settings are
     skipped with a warning.
     """
-    from tqdm.auto import tqdm
-
     jobs: dict[str, tuple] = {}
     for dataset in datasets:
         for seed in seeds:
             pairs = [(r, q) for r in table1_rows for q in table1_ratios] + [(r, table2_ratio) for r in table2_rows]
             for row, ratio in pairs:
-                if _spec(row).method is None:
+                if row_spec(row).method is None:
                     continue
                 jobs.setdefault(f"{dataset}/{run_name(row, ratio, seed)}", (dataset, row, ratio, seed))
     if adopt_finished and not rerun:
-        from .paths import ssmis_dir
-
         for dataset, row, ratio, seed in jobs.values():
             cfg = run_config(profile, dataset, row, ratio, seed, overrides or {})
             finished = (ssmis_dir(cfg) / "metrics.json").is_file()
@@ -267,16 +183,14 @@ def _datasets(runs: pd.DataFrame, datasets: Iterable[str] | None) -> list[str]:
 
 
 def _row_runs(runs: pd.DataFrame, row: str, ratio: float, dataset: str) -> pd.DataFrame:
-    """The runs of ``row`` at ``ratio`` (its fixed share where it has one) on ``dataset``, by :func:`run_name`."""
+    """The runs of ``row`` at ``ratio`` (its fixed share where it has one) on ``dataset``, by their run name."""
     stem = re.sub(r"-s0$", "", run_name(row, ratio, 0))
     return runs[(runs["run"].str.replace(r"-s\d+$", "", regex=True) == stem) & (runs["dataset"] == dataset)]
 
 
 def _paper_line(row: str, ratio: float, table: str) -> pd.Series | None:
     """The paper's line of ``row`` at ``ratio`` in ``table`` ("table1" or "table2"), None where the paper has none."""
-    from .paper_tables import paper_table1, paper_table2
-
-    spec = _spec(row)
+    spec = row_spec(row)
     hit = None
     if table == "table1" and spec.paper1:
         p1 = paper_table1()
@@ -300,7 +214,7 @@ def summarise(runs: pd.DataFrame, rows: Iterable[str], ratios: Iterable[float], 
     """Mean ± std (sample std, ddof=1; 0 for one seed) of Dice and mIoU in per cent over seeds, per row, ratio, data set.
 
     ``runs`` is :func:`load_runs`; runs are matched to rows by
-    :func:`run_name` without the seed. Every (row, ratio, data set) appears,
+    :func:`dusss.runs.run_name` without the seed. Every (row, ratio, data set) appears,
     with ``n_seeds = 0`` and NaN where no run exists (``seeds`` lists the
     seeds that have a run, space-separated, "" for none), and the paper's numbers
     (``paper_dice``, ``paper_miou``) where the paper has that row, plus those of
@@ -311,7 +225,7 @@ def summarise(runs: pd.DataFrame, rows: Iterable[str], ratios: Iterable[float], 
     datasets = _datasets(runs, datasets)
     out = []
     for row in rows:
-        spec = _spec(row)
+        spec = row_spec(row)
         for ratio in ([spec.ratio] if spec.ratio is not None else list(ratios)):
             line = _paper_line(row, ratio, table)
             for dataset in datasets:
@@ -449,8 +363,8 @@ def _difference(runs: pd.DataFrame, dataset: str, a: str, b: str, ratio: float, 
     interval lies above 0, ``words[1]`` below, "no difference shown" when it
     covers 0, "no interval (1 seed)" with one pair, "–" with none.
     """
-    qa = _spec(a).ratio if _spec(a).ratio is not None else ratio
-    qb = _spec(b).ratio if _spec(b).ratio is not None else ratio
+    qa = row_spec(a).ratio if row_spec(a).ratio is not None else ratio
+    qb = row_spec(b).ratio if row_spec(b).ratio is not None else ratio
     d = paired_difference(_row_runs(runs, a, qa, dataset), _row_runs(runs, b, qb, dataset))
     paper = _paper_dice(a, qa, dataset, table) - _paper_dice(b, qb, dataset, table)
     ours = d["mean"]
@@ -483,7 +397,7 @@ def component_effects(runs: pd.DataFrame, *, rows: Iterable[str] = TABLE2_ROWS, 
     component.
     """
     cols = ["dataset", "component", "row_off", "row_on"] + _DIFF_COLS
-    by_switch = {_spec(r).paper2: r for r in rows if _spec(r).paper2 is not None}
+    by_switch = {row_spec(r).paper2: r for r in rows if row_spec(r).paper2 is not None}
     out = []
     for dataset in _datasets(runs, datasets):
         for k, name in enumerate(COMPONENTS):
@@ -548,13 +462,13 @@ def row_contrasts(runs: pd.DataFrame, pairs: Iterable[tuple[str, str]] = CONTRAS
     ratios = _shares(runs) if ratios is None else sorted(float(q) for q in ratios)
     pairs = list(pairs)
     for row in dict.fromkeys(r for pair in pairs for r in pair):
-        _spec(row)  # an unknown row fails here, before any work
+        row_spec(row)  # an unknown row fails here, before any work
     out = []
     for dataset in _datasets(runs, datasets):
         for a, b in pairs:
-            both_fixed = _spec(a).ratio is not None and _spec(b).ratio is not None
+            both_fixed = row_spec(a).ratio is not None and row_spec(b).ratio is not None
             for ratio in ratios[:1] if both_fixed else ratios:
-                out.append({"dataset": dataset, "ratio": _spec(a).ratio if both_fixed else ratio, "row_a": a,
+                out.append({"dataset": dataset, "ratio": row_spec(a).ratio if both_fixed else ratio, "row_a": a,
                             "row_b": b, "label_a": ROWS[a].label, "label_b": ROWS[b].label,
                             **_difference(runs, dataset, a, b, ratio, "table1", ("a > b", "a < b"))})
     return pd.DataFrame(out, columns=cols)
@@ -605,7 +519,7 @@ def coverage(tables: Mapping[str, pd.DataFrame], seeds: Iterable[int]) -> str:
         return text + "Every cell has a run at every one of these seeds.\n"
     parts = []
     for dataset, grp in short.groupby("dataset", sort=False):
-        items = [f"{r.label}{'' if _spec(r.row).ratio is not None else f' {100 * r.ratio:.0f} %'} ({r.seeds or 'none'})"
+        items = [f"{r.label}{'' if row_spec(r.row).ratio is not None else f' {100 * r.ratio:.0f} %'} ({r.seeds or 'none'})"
                  for r in grp.itertuples()]
         parts.append(f"`{dataset}`: " + "; ".join(items))
     return text + f"{len(short)} cells lack a seed (the seeds they have in brackets): " + ". ".join(parts) + ".\n"
@@ -619,11 +533,6 @@ def complexity(cfg: Config | None = None, image_size: int = 224) -> dict[str, fl
     is half of it. ``cfg`` None = the ``paper`` profile's U-Net (base 64), the
     network of the paper's Table 1. Beside them the paper's 14.75 M / 25.19 G.
     """
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .unet import build_unet, count_parameters
-
     cfg = cfg or make_config("paper")
     model = build_unet(cfg).eval()
     x = torch.zeros(1, 3, image_size, image_size)  # (1, 3, S, S)
@@ -636,9 +545,6 @@ def complexity(cfg: Config | None = None, image_size: int = 224) -> dict[str, fl
 
 def plot_tables(tables: dict[str, Any]):
     """Bar chart with error bars (std over seeds): test Dice per row, one panel per (table, data set); paper as dots."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     panels = [(name, d) for name in ("table1", "table2") for d in dict.fromkeys(tables[name]["dataset"])]
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1), 3.6), squeeze=False)
     for ax, (name, d) in zip(axes[0], panels):
@@ -666,9 +572,6 @@ def plot_differences(tables: Mapping[str, Any]):
     is "no difference shown". Lines without our delta are left out; lines
     from one seed have no bar.
     """
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     def short(label: str) -> str:
         return label.split(" (")[0]
 
@@ -720,7 +623,7 @@ def label_efficiency(runs: pd.DataFrame, datasets: str | Iterable[str] | None = 
     out = []
     for dataset in _datasets(runs, datasets):
         for row in list(dict.fromkeys(rows)) + ["unet100"]:
-            spec = _spec(row)
+            spec = row_spec(row)
             for ratio in [spec.ratio] if spec.ratio is not None else _shares(runs):
                 sel = _row_runs(runs, row, ratio, dataset)
                 if not len(sel):
@@ -734,9 +637,6 @@ def label_efficiency(runs: pd.DataFrame, datasets: str | Iterable[str] | None = 
 
 def _plot_efficiency(eff: pd.DataFrame):
     """The figure of :func:`plot_label_efficiency` from :func:`label_efficiency`'s frame."""
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullLocator
-
     datasets = list(dict.fromkeys(eff["dataset"])) or ["no runs"]
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.4 * len(datasets), 3.4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
@@ -795,8 +695,6 @@ def write_outputs(tables: dict[str, Any], profile: str, cx: dict[str, float] | N
     The Markdown of Table 1 ends with the complexity line (:func:`complexity`)
     when ``cx`` is given. Returns the written paths.
     """
-    from .plotting import save_figure
-
     out = results_dir()
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -822,8 +720,6 @@ def write_outputs(tables: dict[str, Any], profile: str, cx: dict[str, float] | N
         paths["coverage_md"] = cov
     else:
         cov.unlink(missing_ok=True)  # an older grid's coverage must not reach the results page with these tables
-    import matplotlib.pyplot as plt
-
     fig = plot_tables(tables)
     paths["figure"] = save_figure(fig, tagged("04_tables", profile))
     plt.close(fig)
@@ -858,7 +754,7 @@ def grid_cost(seconds: Mapping[str, float], *, datasets: int, seeds: int,
     names: dict[str, str] = {}
     vlms = set()
     for row, ratio in [(r, q) for r in table1_rows for q in table1_ratios] + [(r, table2_ratio) for r in table2_rows]:
-        spec = _spec(row)
+        spec = row_spec(row)
         if spec.method is None:
             continue
         names[run_name(row, ratio, 0)] = spec.method
@@ -889,8 +785,6 @@ def measured_seconds(profile: str, runs: pd.DataFrame | None = None) -> dict[str
     under ``runs/pretrain/*-<profile>/`` that trained every epoch in one call.
     Kinds with no measurement are missing from the dict.
     """
-    from .paths import runs_dir
-
     runs = load_runs(profile) if runs is None else runs
     wall = runs[["ssmis_seconds", "train_seconds"]].max(axis=1)
     out = {m: float(wall[g.index].median()) for m, g in runs.groupby("method")}
@@ -906,16 +800,15 @@ def measured_seconds(profile: str, runs: pd.DataFrame | None = None) -> dict[str
 
 
 RESULTS_PAGE = "tables_generated"  # docs/<name>[_<profile>].md: the page write_results_page writes
-GENERATED_NOTE = "<!-- generated by dusss.tables.write_results_page (notebook 04): edit the code, not this file -->"
+GENERATED_NOTE = ("<!-- generated by dusss.experiments.tables.write_results_page (notebook 04): "
+                  "edit the code, not this file -->")
 # the charts of write_outputs that the page shows when they exist: (file stem, alt text)
 PAGE_FIGURES = (("04_tables", "Tables 1 and 2 as bars"), ("04_differences", "paired differences, 95 % t-intervals"),
                 ("04_label_efficiency", "test Dice against the label share"))
 
 
 def _paper_rows_not_run() -> list[str]:
-    """The paper's Table-1 methods that no implemented row of :data:`ROWS` trains (typed from the paper only)."""
-    from .paper_tables import paper_table1
-
+    """The paper's Table-1 methods no implemented row of :data:`dusss.runs.ROWS` trains (typed from the paper only)."""
     ours = {spec.paper1 for spec in ROWS.values() if spec.paper1 and spec.method}
     return [m for m in dict.fromkeys(paper_table1()["method"]) if m not in ours]
 
@@ -934,10 +827,6 @@ def write_results_page(profile: str = "demo", page: str | Path | None = None, *,
     A missing table file raises ``FileNotFoundError`` naming the notebook that
     writes it.
     """
-    import os
-
-    from .plotting import figures_dir
-
     page = Path(page) if page else repo_root() / "docs" / f"{tagged(RESULTS_PAGE, profile)}.md"
     res = results_dir()
 
@@ -946,8 +835,8 @@ def write_results_page(profile: str = "demo", page: str | Path | None = None, *,
 
     missing = _paper_rows_not_run()
     parts = [f"# Tables 1 and 2, as measured ({profile} profile)\n\n{GENERATED_NOTE}\n",
-             "This page is generated by `dusss.tables.write_results_page` (notebook 04 calls it) from the per-run "
-             f"results files under `results/runs/<data set>-{profile}/`: the paper's Tables 1 and 2 rebuilt from this "
+             "This page is generated by `dusss.experiments.tables.write_results_page` (notebook 04 calls it) from the "
+             f"per-run results files under `results/runs/<data set>-{profile}/`: the paper's Tables 1 and 2 rebuilt from this "
              "project's runs (mean ± sample std over seeds, the paper's number beside each cell) and the comparisons "
              "between rows as paired differences over seeds with 95 % t-intervals. A table is complete only when every "
              "row of the paper's is measured" + ("; the rows of the paper's Table 1 not implemented here are listed "
@@ -992,8 +881,8 @@ def write_results_page(profile: str = "demo", page: str | Path | None = None, *,
 def run(args, cfg: Config) -> int:
     """``python -m dusss tables``: fill the grid for ``cfg.dataset`` and ``cfg.seed`` at ``cfg.profile``, then render.
 
-    Trains every missing run of both tables (all rows of :data:`TABLE1_ROWS`
-    and :data:`TABLE2_ROWS`; hours at ``demo``), then re-renders the tables
+    Trains every missing run of both tables (all rows of :data:`dusss.runs.TABLE1_ROWS`
+    and :data:`dusss.runs.TABLE2_ROWS`; hours at ``demo``), then re-renders the tables
     from every results file of the profile and writes them to ``results/`` and
     ``figures/``. Other ``--set`` keys pass through to every run.
     """

@@ -31,6 +31,8 @@ import copy
 import json
 import math
 import os
+import platform
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -38,15 +40,19 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
 
-from .config import Config, ConfigError
-from .losses import SupervisedSegLoss, ema_update
-from .methods import Models, StepBatch, get_method
-from .paths import default_vlm_checkpoint
-from .ssmis import TensorSplit, TextGuidance, _Augmenter, _portable, _Stream, prepare_data
-from .unet import build_unet
-from .utils import atomic_write_json, get_logger, resolve_device, seed_everything
-from .vlm import DuSSSVLM, load_vlm
+from ..config import Config, ConfigError
+from ..losses import SupervisedSegLoss, ema_update
+from ..methods import Models, StepBatch, get_method
+from ..paths import results_dir, tagged
+from ..pretrain import _Objective, _Paraphrases
+from ..runs import default_vlm_checkpoint
+from ..ssmis import TensorSplit, TextGuidance, _Augmenter, _portable, _Stream, prepare_data
+from ..unet import build_unet
+from ..utils import atomic_write_json, get_logger, resolve_device, seed_everything
+from ..vlm import DuSSSVLM, load_vlm
 
 __all__ = ["benchmark", "step_throughput", "format_table", "bench_path", "run", "peak_memory_mb"]
 
@@ -64,8 +70,6 @@ def _sync(device: torch.device) -> None:
 def _round_robin(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: torch.device,
                  progress: bool = False, desc: str = "") -> dict[str, float]:
     """Median seconds of each callable, run in turns (warm-up rounds first, not timed)."""
-    from tqdm.auto import tqdm
-
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in tqdm(range(warmup + repeats), desc=desc, disable=not progress, leave=False):
         for name, fn in fns.items():
@@ -105,8 +109,6 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> dict[str, flo
         peak = _proc_kb(status, "VmHWM")
         return {"peak_mb": peak / 1024, "delta_mb": max(peak - before, 0) / 1024, "method": "VmHWM reset"}
     except OSError:
-        import resource
-
         fn()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return {"peak_mb": peak / 1024, "delta_mb": float("nan"), "method": "ru_maxrss since start"}
@@ -286,8 +288,6 @@ class _UnetStep:
 
 
 def _step_flops(cfg: Config, device: torch.device, x: torch.Tensor, y: torch.Tensor) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
     model = build_unet(cfg).to(device).train()
     with FlopCounterMode(display=False) as counter:
         SupervisedSegLoss()(model(x), y).backward()
@@ -339,8 +339,6 @@ def _unet_section(cfg: Config, device: torch.device, repeats: int, warmup: int, 
 # ---------------------------------------------------------------- section 3: VLM pre-training, memory
 def _vlm_section(cfg: Config, device: torch.device, mat: dict, repeats: int, warmup: int,
                  progress: bool) -> dict[str, Any]:
-    from .pretrain import _Objective, _Paraphrases
-
     data = mat["data"]
     items = [data.train[i % len(data.train)] for i in range(cfg.vlm_batch_size)]
     images = torch.stack([it["image"] for it in items]).to(device)  # (B, 3, H, W)
@@ -464,8 +462,6 @@ def benchmark(cfg: Config, *, repeats: int = 5, warmup: int = 2, variants: tuple
 def _machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import platform
-
     name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -518,8 +514,6 @@ def format_table(result: dict[str, Any]) -> str:
 
 def bench_path(profile: str) -> Path:
     """``results/bench.json`` for the demo profile, ``results/bench_<profile>.json`` otherwise."""
-    from .paths import results_dir, tagged
-
     return results_dir() / f"{tagged('bench', profile)}.json"
 
 
@@ -530,8 +524,6 @@ def run(args, cfg: Config) -> int:
     check), prints images/s and writes ``results/bench_steps_<profile>_<device type>.json``.
     """
     if getattr(args, "steps_only", False):
-        from .paths import results_dir
-
         res = step_throughput(cfg, steps=getattr(args, "repeats", 20), warmup=getattr(args, "warmup", 5))
         path = atomic_write_json(results_dir() / f"bench_steps_{cfg.profile}_{res['device'].split(':')[0]}.json", res)
         print(f"{res['machine']}: batch {res['batch']} at {res['image_size']} px, U-Net base {res['unet_base']}, "
