@@ -6,15 +6,18 @@ Adding a method is one module here (or anywhere: a package of your own) and one
 
 >>> from dusss.methods import METHODS
 >>> sorted(METHODS)
-['bcp', 'dusss', 'mt', 'supervised', 'ucmt']
+['bcp', 'cct', 'dusss', 'mcnet', 'mt', 'ssnet', 'supervised', 'ucmt']
 """
 from __future__ import annotations
 
 from ..config import ConfigError, register_choices
 from .base import Method, Models, StepBatch, StepOutput, method_parameters, optimizer_groups
 from .bcp import BCP
+from .cct import CCT
 from .dusss import DuSSS
+from .mcnet import MCNet
 from .mean_teacher import MeanTeacher
+from .ssnet import SSNet
 from .supervised import Supervised
 from .ucmt import UCMT
 
@@ -49,5 +52,5 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
-for _cls in (DuSSS, MeanTeacher, Supervised, BCP, UCMT):
+for _cls in (DuSSS, MeanTeacher, Supervised, BCP, UCMT, CCT, MCNet, SSNet):
     register(_cls)
