@@ -46,6 +46,12 @@ RECIPES: dict[str, dict] = {
     "bce-w0.1-noise": dict(perturb="noise", noise_std=0.1, cons_loss="bce", cons_weight=0.1, rampup_epochs=20.0),
     "mse-w0.1-noise-sepbn": dict(perturb="noise", noise_std=0.1, cons_loss="mse", cons_weight=0.1, rampup_epochs=20.0,
                                  bn_batch="separate"),
+    "mse-w0.1-none-sepbn": dict(perturb="none", cons_loss="mse", cons_weight=0.1, rampup_epochs=20.0,
+                                bn_batch="separate"),
+    "mse-w1-noise-sepbn": dict(perturb="noise", noise_std=0.1, cons_loss="mse", cons_weight=1.0, rampup_epochs=20.0,
+                               bn_batch="separate"),
+    "bce-w1-noise-sepbn": dict(perturb="noise", noise_std=0.1, cons_loss="bce", cons_weight=1.0, rampup_epochs=2.0,
+                               bn_batch="separate"),
 }
 
 
