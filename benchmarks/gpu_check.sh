@@ -7,7 +7,7 @@
 # Finishes in well under 5 minutes on any recent GPU (the whole run is capped at 300 s).
 #
 # Usage (from anywhere):  bash benchmarks/gpu_check.sh [extra `python -m dusss bench` options]
-#   e.g. bash benchmarks/gpu_check.sh --repeats 50 --set labeled_bs=32 --set unlabeled_bs=32
+#   e.g. bash benchmarks/gpu_check.sh --repeats 50 --set labelled_bs=32 --set unlabelled_bs=32
 # Environment: PYTHON (default: .venv/bin/python if present, else python), CUDA_VISIBLE_DEVICES as usual.
 set -euo pipefail
 cd "$(dirname "$0")/.."

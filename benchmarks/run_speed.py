@@ -75,8 +75,8 @@ teacher = copy.deepcopy(student).requires_grad_(False).train()
 opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
 method = get_method("mt")(cfg, torch.device("cpu"))
 s = cfg.image_size
-x_l, y_l = torch.rand(cfg.labeled_bs, 3, s, s), (torch.rand(cfg.labeled_bs, 1, s, s) > 0.9).float()
-x_u = torch.rand(cfg.unlabeled_bs, 3, s, s)
+x_l, y_l = torch.rand(cfg.labelled_bs, 3, s, s), (torch.rand(cfg.labelled_bs, 1, s, s) > 0.9).float()
+x_u = torch.rand(cfg.unlabelled_bs, 3, s, s)
 times = []
 for i in range(23):
     t0 = time.perf_counter()

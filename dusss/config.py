@@ -28,6 +28,16 @@ LR_SCHEDULES = ("cosine", "constant")  # Config.lr_schedule (Step 2)
 _CHOICES: dict[str, Any] = {}  # key -> registry whose names are the valid values (dusss.methods fills "method")
 
 
+# keys renamed to the project's one spelling ("labelled"): configs saved, and --set keys written, with the old
+# name are read as the new one (upgrade_keys)
+RENAMED_KEYS = {"labeled_bs": "labelled_bs", "unlabeled_bs": "unlabelled_bs"}
+
+
+def upgrade_keys(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` (a saved config dict or overrides) with renamed keys (:data:`RENAMED_KEYS`) under their new names."""
+    return {RENAMED_KEYS.get(key, key): value for key, value in data.items()}
+
+
 def register_choices(key: str, registry: Any) -> None:
     """Validate config key ``key`` against the names in ``registry`` (a live mapping: later additions count).
 
@@ -37,7 +47,7 @@ def register_choices(key: str, registry: Any) -> None:
     _CHOICES[key] = registry
 
 __all__ = ["Config", "ConfigError", "PROFILES", "AMP_MODES", "LR_SCHEDULES", "register_choices", "make_config", "parse_overrides", "default_profile",
-           "config_differences", "step_keys", "resume_differences", "STEPS"]
+           "config_differences", "step_keys", "resume_differences", "STEPS", "RENAMED_KEYS", "upgrade_keys"]
 
 
 # Every field declares which step's results it changes (field metadata, read by :func:`step_keys`):
@@ -124,7 +134,7 @@ class Config:
     ground_dim: int = _step1(64)  # channels of the pixel features v_f and text features t_f of Eq. 10
     ground_hidden: int = _step1(32)  # channels inside the grounding decoder f_g
     same_text_positive: bool = _step1(True)  # identical reports in a batch count as positives, not negatives
-    ground_sup: bool = _step1(True)  # extension: also supervise Eq. 10 on the LABELLED masks (split_labeled(...)[0])
+    ground_sup: bool = _step1(True)  # extension: also supervise Eq. 10 on the LABELLED masks (split_labelled(...)[0])
     w_ground_sup: float = _step1(4.0)  # weight of that mask supervision (BCE + soft Dice); 1.0 learned grounding too slowly
     vlm_warmup: float = _step1(1.0)  # linear learning-rate warm-up (epochs), then cosine decay
     # ---- step 2: semi-supervised segmentation ----------------------------
@@ -133,8 +143,8 @@ class Config:
     vlm_checkpoint: str = _ops("")  # "" = the checkpoint notebook 02 writes for this dataset
     unet_base: int = _step2(8)  # U-Net base channels (paper: 64)
     epochs: int = _step2(20, budget=True)  # SSMIS epochs (upper bound; early stopping may end sooner); an epoch = steps_per_epoch steps
-    labeled_bs: int = _step2(8)  # labelled images per step (paper: 16)
-    unlabeled_bs: int = _step2(8)  # unlabelled images per step (paper: 16)
+    labelled_bs: int = _step2(8)  # labelled images per step (paper: 16)
+    unlabelled_bs: int = _step2(8)  # unlabelled images per step (paper: 16)
     lr: float = _step2(1e-3)  # Adam learning rate (paper: 3e-4 QaTa/BM-Seg, 1e-3 MoNuSeg; demo: 1e-3, chosen on val)
     lr_schedule: str = _step2("cosine")  # "cosine": decay to 0 over epochs * steps_per_epoch steps; "constant"
     ema_alpha: float = _step2(0.99)  # Eq. 12 alpha (upper bound of the ramp min(1-1/(t+1), alpha))
@@ -255,13 +265,13 @@ PROFILES: dict[str, dict[str, Any]] = {
         image_size=64, synth_train=48, synth_val=16, synth_test=16, synth_size=128,
         nuclei_patch=128, vit_width=64, vit_depth=1, vit_heads=2, embed_dim=32,
         text_max_len=32, vlm_epochs=2, vlm_batch_size=8, unet_base=4, epochs=2,
-        labeled_bs=4, unlabeled_bs=4, patience=2, rampup_epochs=1.0, steps_per_epoch=0, min_epochs=0,
+        labelled_bs=4, unlabelled_bs=4, patience=2, rampup_epochs=1.0, steps_per_epoch=0, min_epochs=0,
     ),
     "demo": dict(),
     "paper": dict(
         image_size=224, synth_train=5716, synth_val=1429, synth_test=2113, synth_size=512,
         vit_width=768, vit_depth=12, vit_heads=12, embed_dim=256, vlm_epochs=50,
-        vlm_batch_size=32, unet_base=64, epochs=200, labeled_bs=16, unlabeled_bs=16,
+        vlm_batch_size=32, unet_base=64, epochs=200, labelled_bs=16, unlabelled_bs=16,
         lr=3e-4, patience=20, rampup_epochs=200.0, num_workers=4, steps_per_epoch=0, min_epochs=50,
     ),
 }
@@ -338,7 +348,7 @@ def make_config(
         raise ConfigError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
     types_ = _field_types()
     values: dict[str, Any] = dict(PROFILES[profile]) if _base_is_profile else {}
-    for source in (overrides or {}), kwargs:
+    for source in upgrade_keys(overrides or {}), upgrade_keys(kwargs):
         for key, value in source.items():
             if key == "profile":
                 raise ConfigError("set the profile with the profile argument, not as an override")
@@ -401,7 +411,7 @@ def _check_ranges(cfg: Config) -> None:
         ("ssnet_ip", cfg.ssnet_ip >= 1, "must be >= 1 (SS-Net: 1)"),
         ("ssnet_proj_dim", cfg.ssnet_proj_dim >= 1, "must be >= 1 (SS-Net: 32)"),
     ]
-    for key in ("ucmt_grid", "epochs", "vlm_epochs", "labeled_bs", "unlabeled_bs", "vlm_batch_size", "unet_base",
+    for key in ("ucmt_grid", "epochs", "vlm_epochs", "labelled_bs", "unlabelled_bs", "vlm_batch_size", "unet_base",
                 "vit_width", "vit_depth", "vit_heads", "embed_dim", "vit_patch", "patience"):
         checks.append((key, getattr(cfg, key) > 0, "must be > 0"))
     for key, ok, why in checks:
@@ -450,7 +460,8 @@ def config_differences(saved: Mapping[str, Any], cfg: Config, keys: Iterable[str
     The one rule both training loops use to decide whether a run folder may be
     resumed or reused: a key the saved run does not have (a setting added to
     :class:`Config` after that run was written) counts as unchanged, since the
-    run was made with the behaviour that setting's default keeps.
+    run was made with the behaviour that setting's default keeps. Keys saved
+    under an old name (:data:`RENAMED_KEYS`) are compared under the new one.
     """
-    now = cfg.to_dict()
+    now, saved = cfg.to_dict(), upgrade_keys(saved)
     return sorted(k for k in keys if saved.get(k, now[k]) != now[k])

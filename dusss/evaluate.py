@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .config import Config, make_config
+from .config import Config, make_config, upgrade_keys
 from .data import LViTDataset
 from .errors import CheckpointError
 from .metrics import binarize, dice_of_masks, summarize_scores
@@ -69,7 +69,7 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[
 
 
 def _config_from_dict(data: dict) -> Config:
-    data = dict(data)
+    data = upgrade_keys(data)
     profile = data.pop("profile", "demo")
     known = {f.name for f in dataclasses.fields(Config)}
     return make_config(profile, {k: v for k, v in data.items() if k in known})
@@ -88,7 +88,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", data_roo
     root = Path(data_root) if data_root else cfg.resolved_data_root()
     dataset = LViTDataset(root, split, cfg.image_size)
     summary, table = evaluate_model(model, dataset, device=next(model.parameters()).device,
-                                    threshold=cfg.threshold, batch_size=cfg.labeled_bs + cfg.unlabeled_bs,
+                                    threshold=cfg.threshold, batch_size=cfg.labelled_bs + cfg.unlabelled_bs,
                                     progress=True)
     out = Path(out_dir) if out_dir else checkpoint.parent
     out.mkdir(parents=True, exist_ok=True)

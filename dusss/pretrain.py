@@ -5,7 +5,7 @@ of Step 1 -- CMC and IMC (Eqs. 8-9, together DCL), SSS inside them (Eq. 5),
 the text-guided loss ``L_tg`` (Eq. 11) -- plus one documented extension,
 ``ground_sup``: the text-guided mask (Eq. 10) is also fitted to the ground
 truth of the *labelled* training images only (exactly
-``dusss.data.split_labeled(train_names, cfg.ratio, cfg.resolved_data_seed())[0]``, the images
+``dusss.data.split_labelled(train_names, cfg.ratio, cfg.resolved_data_seed())[0]``, the images
 Step 2 treats as labelled), so Step 2's unlabelled images stay unlabelled.
 
 Second views for IMC: the image gets a photometric jitter (brightness,
@@ -210,7 +210,7 @@ def _datasets(cfg: Config):
     (a flip rewrites "left"/"right" in the report, so image, mask and text stay
     true together); ``train_plain`` is the same split unaugmented, for the
     references. The labelled names are :func:`dusss.data.split_for` -- the
-    split Step 2 uses, i.e. ``split_labeled(train_names, cfg.ratio,
+    split Step 2 uses, i.e. ``split_labelled(train_names, cfg.ratio,
     cfg.resolved_data_seed())[0]`` -- and are empty when ``ground_sup`` is off.
     """
     train = open_split(cfg, "train", augment=default_augment(cfg), preload=True)

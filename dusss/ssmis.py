@@ -281,7 +281,7 @@ def _load_guidance(cfg: Config, device: torch.device) -> TextGuidance:
                           f"data seed {vlm_seed} labelled split, which includes images that are unlabelled at "
                           f"ratio={cfg.ratio:g}, data seed {seed}; pre-train it at this ratio and data seed (or "
                           "smaller ratio) or with ground_sup=false")
-    return TextGuidance(vlm, device, batch_size=max(cfg.labeled_bs + cfg.unlabeled_bs, 8))
+    return TextGuidance(vlm, device, batch_size=max(cfg.labelled_bs + cfg.unlabelled_bs, 8))
 
 
 # ---------------------------------------------------------------------------- evaluation pieces
@@ -304,7 +304,7 @@ def _pseudo_label_diagnostics(teacher: nn.Module | None, split: TensorSplit, tex
     teacher.train()  # batch statistics: see the module docstring
     sums = {"teacher": 0.0, "text": 0.0, "merged": 0.0}
     flat_pixels, flat_agree, flat_shift = 0, 0, 0.0
-    bs = cfg.labeled_bs + cfg.unlabeled_bs
+    bs = cfg.labelled_bs + cfg.unlabelled_bs
     for start in range(0, len(split), bs):
         idx = torch.arange(start, min(start + bs, len(split)))
         x, y = split.batch(idx)
@@ -463,7 +463,7 @@ def _train_ssmis(cfg: Config, method_cls: type[Method], info: DistInfo, *, progr
     optimizer = torch.optim.Adam(optimizer_groups(student, method), lr=cfg.lr)
     n_lab, n_unl = len(lab), len(unl) if unl is not None else 0
     # an epoch = steps_per_epoch steps (0: one pass over the longer stream); torchrun: a step takes world_size batches
-    steps = cfg.steps_per_epoch or max(math.ceil(n_lab / cfg.labeled_bs), math.ceil(n_unl / cfg.unlabeled_bs))
+    steps = cfg.steps_per_epoch or max(math.ceil(n_lab / cfg.labelled_bs), math.ceil(n_unl / cfg.unlabelled_bs))
     steps = max(1, math.ceil(steps / info.world_size))
     total_steps = steps * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg, total_steps))
@@ -482,8 +482,8 @@ def _train_ssmis(cfg: Config, method_cls: type[Method], info: DistInfo, *, progr
 
     lab_aug = _Augmenter.from_config(cfg, cfg.seed + 1, data.text_mode)
     unl_aug = _Augmenter.from_config(cfg, cfg.seed + 2, data.text_mode)
-    lab_stream = _Stream(n_lab, cfg.labeled_bs, cfg.seed + 3, info.rank, info.world_size)
-    unl_stream = _Stream(n_unl, cfg.unlabeled_bs, cfg.seed + 4, info.rank, info.world_size) if unl is not None else None
+    lab_stream = _Stream(n_lab, cfg.labelled_bs, cfg.seed + 3, info.rank, info.world_size)
+    unl_stream = _Stream(n_unl, cfg.unlabelled_bs, cfg.seed + 4, info.rank, info.world_size) if unl is not None else None
     streams = {"lab": lab_stream, **({"unl": unl_stream} if unl_stream is not None else {})}
     augmenters = {"lab_aug": lab_aug, "unl_aug": unl_aug}
 

@@ -27,7 +27,7 @@ def test_demo_profile_is_the_dataclass_default():
 
 def test_paper_profile_has_the_paper_settings():
     cfg = make_config("paper")
-    assert (cfg.image_size, cfg.unet_base, cfg.labeled_bs + cfg.unlabeled_bs, cfg.lr, cfg.patience) == (224, 64, 32, 3e-4, 20)
+    assert (cfg.image_size, cfg.unet_base, cfg.labelled_bs + cfg.unlabelled_bs, cfg.lr, cfg.patience) == (224, 64, 32, 3e-4, 20)
 
 
 def test_env_selects_profile(monkeypatch):
@@ -170,3 +170,15 @@ def test_one_resume_rule_for_both_steps_counts_the_data_seed(tmp_path):
     # a key the saved run does not know yet (added to Config later) counts as unchanged
     old = {k: v for k, v in saved.items() if k != "bn_batch"}
     assert resume_differences(old, make_config("smoke"), 2) == []
+
+
+def test_keys_renamed_to_the_one_spelling_still_read_from_old_configs_and_old_commands(tmp_path):
+    from dusss.config import config_differences, step_keys
+
+    assert make_config("smoke", {"labeled_bs": "3"}, unlabeled_bs=5).labelled_bs == 3  # --set with the old name
+    old = {("labeled_bs" if k == "labelled_bs" else k): v for k, v in make_config("smoke").to_dict().items()}
+    old.pop("profile")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"profile": "smoke", **old}))
+    assert Config.load(path) == make_config("smoke")  # a config saved before the rename
+    assert config_differences(old, make_config("smoke", labelled_bs=7), step_keys(2)) == ["labelled_bs"]

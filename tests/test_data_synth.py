@@ -87,7 +87,7 @@ def test_generated_sets_of_other_profiles_live_in_their_own_folder(monkeypatch, 
 
 def test_each_data_seed_has_its_own_folder_and_the_training_seed_alone_changes_no_data(monkeypatch, tmp_path):
     """Runs of seeds 666 and 667 may run side by side: neither regenerates the folder the other reads."""
-    from dusss.data import split_for, split_labeled
+    from dusss.data import split_for, split_labelled
 
     monkeypatch.setenv("DUSSS_DATA", str(tmp_path))
     assert make_config("demo", seed=667).resolved_data_root() == tmp_path / "qata-synth_s667"
@@ -97,8 +97,8 @@ def test_each_data_seed_has_its_own_folder_and_the_training_seed_alone_changes_n
     assert make_config("demo", seed=5, data_seed=7).resolved_data_root() == tmp_path / "qata-synth_s7"
     names = [f"img{i}.png" for i in range(40)]  # own data (no committed split file): the split is computed
     own, own_fixed = make_config("demo", dataset="lvit", seed=667), fixed.replace(dataset="lvit")
-    assert split_for(own_fixed, names) == split_labeled(names, own_fixed.ratio, 666)
-    assert split_for(own, names) == split_labeled(names, own.ratio, 667) != split_for(own_fixed, names)
+    assert split_for(own_fixed, names) == split_labelled(names, own_fixed.ratio, 666)
+    assert split_for(own, names) == split_labelled(names, own.ratio, 667) != split_for(own_fixed, names)
 
 
 def test_gallery_figure_is_written_with_the_profile_tag(tmp_path, monkeypatch):

@@ -80,8 +80,8 @@ def test_two_process_ssmis_completes_and_rank0_writes_one_checkpoint(job):
         # each rank reads half of the labelled and unlabelled images per epoch
         cfg = _cfgs(root)[1]
         shard = -(-metrics["n_unlabelled"] // WORLD)
-        assert metrics["steps_per_epoch"] == max(-(-shard // cfg.unlabeled_bs),
-                                                 -(-(-(-metrics["n_labelled"] // WORLD)) // cfg.labeled_bs))
+        assert metrics["steps_per_epoch"] == max(-(-shard // cfg.unlabelled_bs),
+                                                 -(-(-(-metrics["n_labelled"] // WORLD)) // cfg.labelled_bs))
 
 
 def test_two_process_ranks_end_with_the_same_models(job):

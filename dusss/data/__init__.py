@@ -3,7 +3,7 @@
 ``LViTDataset`` reads QaTa-COV19, MoNuSeg, BM-Seg (after ``prepare``) and any
 own 2-D data in the LViT layout; ``ensure_dataset(cfg)`` makes the embedded
 ``qata-synth`` and ``nuclei-real`` sets on first use; ``describe_*`` write the
-reports from masks; ``split_labeled``/``save_split``/``load_split`` give the
+reports from masks; ``split_labelled``/``save_split``/``load_split`` give the
 published labelled subsets; ``JointAugment`` transforms image, mask, report and
 cached maps together. Every data set is one ``DatasetSpec`` in
 :mod:`dusss.data.registry` (``DATASETS``, ``register_dataset``), which all of
@@ -16,7 +16,7 @@ from .nuclei import generate_nuclei_real
 from .prepare import (EMBEDDED, REAL, check_dataset, default_augment, ensure_dataset, open_split, prepare_bmseg,
                       prepare_qata, resolve_dataset, text_mode_for)
 from .registry import DATASETS, GRAMMARS, DatasetSpec, GrammarSpec, get_dataset, register_dataset, register_grammar
-from .splits import load_split, save_split, split_for, split_labeled, split_path
+from .splits import load_split, save_split, split_for, split_labelled, split_path
 from .synth import draw_chest_xray, generate_qata_synth
 from .text import (describe_bmseg, describe_monuseg, describe_qata, flip_report, paraphrase, parse_qata,
                    render_qata, rotate_report)
@@ -29,7 +29,7 @@ __all__ = [
     "prepare_qata", "prepare_bmseg", "check_dataset", "generate_nuclei_real",
     "describe_qata", "describe_monuseg", "describe_bmseg", "paraphrase", "parse_qata", "render_qata",
     "flip_report", "rotate_report",
-    "split_labeled", "save_split", "load_split", "split_path", "split_for",
+    "split_labelled", "save_split", "load_split", "split_path", "split_for",
     "JointAugment", "apply_params", "transform_text", "POLICIES",
     "generate_qata_synth", "draw_chest_xray",
 ]

@@ -18,7 +18,7 @@ from ..paths import tagged
 from ..utils import atomic_write_json, repo_root
 from .layout import DataError
 
-__all__ = ["split_labeled", "split_path", "save_split", "load_split", "split_for", "splits_dir"]
+__all__ = ["split_labelled", "split_path", "save_split", "load_split", "split_for", "splits_dir"]
 
 
 def splits_dir() -> Path:
@@ -26,7 +26,7 @@ def splits_dir() -> Path:
     return Path(os.environ.get("DUSSS_SPLITS", repo_root() / "splits"))
 
 
-def split_labeled(names: Sequence[str], ratio: float, seed: int) -> tuple[list[str], list[str]]:
+def split_labelled(names: Sequence[str], ratio: float, seed: int) -> tuple[list[str], list[str]]:
     """``(labelled, unlabelled)`` names for a labelled share ``ratio`` in (0, 1], reproducible from ``seed``.
 
     At least one image is labelled; both lists keep the sorted order of the
@@ -37,7 +37,7 @@ def split_labeled(names: Sequence[str], ratio: float, seed: int) -> tuple[list[s
         raise DataError(f"labelled ratio {ratio!r} must be a number in (0, 1], e.g. 0.25 for 25 % labels")
     ordered = sorted(names)
     if not ordered:
-        raise DataError("split_labeled got no image names; is the training folder empty?")
+        raise DataError("split_labelled got no image names; is the training folder empty?")
     if len(set(ordered)) != len(ordered):
         dup = next(a for a, b in zip(ordered, ordered[1:]) if a == b)
         raise DataError(f"image name {dup!r} occurs twice; names must be unique to split them")
@@ -57,11 +57,11 @@ def split_path(dataset: str, ratio: float, seed: int, directory: str | os.PathLi
 
 def save_split(dataset: str, names: Sequence[str], ratio: float, seed: int,
                directory: str | os.PathLike | None = None) -> Path:
-    """Compute :func:`split_labeled` and write it with its inputs to :func:`split_path`; return the path."""
-    labelled, unlabelled = split_labeled(names, ratio, seed)
+    """Compute :func:`split_labelled` and write it with its inputs to :func:`split_path`; return the path."""
+    labelled, unlabelled = split_labelled(names, ratio, seed)
     path = split_path(dataset, ratio, seed, directory)
     atomic_write_json(path, {"dataset": dataset, "ratio": float(ratio), "seed": int(seed),
-                             "n_train": len(labelled) + len(unlabelled), "labeled": labelled, "unlabeled": unlabelled})
+                             "n_train": len(labelled) + len(unlabelled), "labelled": labelled, "unlabelled": unlabelled})
     return path
 
 
@@ -79,7 +79,8 @@ def load_split(dataset: str, ratio: float, seed: int, directory: str | os.PathLi
                         f"{ratio}, {seed})")
     try:
         data = json.loads(path.read_text())
-        labelled, unlabelled = list(data["labeled"]), list(data["unlabeled"])
+        old = "labelled" not in data  # files written before the keys took the project's spelling
+        labelled, unlabelled = list(data["labeled" if old else "labelled"]), list(data["unlabeled" if old else "unlabelled"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"split file {path} is not a valid split ({exc}); delete it and run save_split again") from exc
     if names is not None and sorted(labelled + unlabelled) != sorted(names):
@@ -94,7 +95,7 @@ def split_for(cfg, names: Sequence[str]) -> tuple[list[str], list[str]]:
     The committed file ``splits/<dataset>[_<profile>]_r<ratio>_s<seed>.json``
     (``seed`` = ``cfg.resolved_data_seed()``)
     when it exists (checked against ``names``: a mismatch raises, never a
-    silent re-split), else :func:`split_labeled` computed on the spot -- the
+    silent re-split), else :func:`split_labelled` computed on the spot -- the
     same result, since the split is a function of the names, ratio and seed.
     Nothing is written here; ``save_split`` publishes a split.
     """
@@ -102,4 +103,4 @@ def split_for(cfg, names: Sequence[str]) -> tuple[list[str], list[str]]:
     seed = cfg.resolved_data_seed()
     if split_path(key, cfg.ratio, seed).is_file():
         return load_split(key, cfg.ratio, seed, names=names)
-    return split_labeled(names, cfg.ratio, seed)
+    return split_labelled(names, cfg.ratio, seed)

@@ -169,7 +169,7 @@ def _guidance_for(cfg: Config, device: torch.device):
     else:
         vlm = DuSSSVLM.from_config(cfg).to(device).eval().requires_grad_(False)
         source = "random initialisation (no pre-trained VLM found; timing is the same)"
-    return TextGuidance(vlm, device, batch_size=max(cfg.labeled_bs + cfg.unlabeled_bs, 8)), source
+    return TextGuidance(vlm, device, batch_size=max(cfg.labelled_bs + cfg.unlabelled_bs, 8)), source
 
 
 def _ssmis_material(cfg: Config, device: torch.device, n_batches: int):
@@ -177,7 +177,7 @@ def _ssmis_material(cfg: Config, device: torch.device, n_batches: int):
     data = prepare_data(cfg.replace(method="dusss"))
     pos = {n: i for i, n in enumerate(data.train.names)}
     lab = TensorSplit(data.train, [pos[n] for n in data.labelled])
-    unl = TensorSplit(data.train, [pos[n] for n in data.unlabelled][: cfg.unlabeled_bs * n_batches])
+    unl = TensorSplit(data.train, [pos[n] for n in data.unlabelled][: cfg.unlabelled_bs * n_batches])
     guidance, source = _guidance_for(cfg, device)
     t0 = time.perf_counter()
     maps = guidance.cache(unl)  # (N, 1, H, W) float16
@@ -190,8 +190,8 @@ def _ssmis_material(cfg: Config, device: torch.device, n_batches: int):
 
 def _streams(mat: dict, cfg: Config) -> dict[str, _Stream]:
     """The loop's two index streams over the benchmark's labelled and unlabelled images."""
-    return {"lab": _Stream(len(mat["lab"]), cfg.labeled_bs, cfg.seed),
-            "unl": _Stream(len(mat["unl"]), cfg.unlabeled_bs, cfg.seed + 1)}
+    return {"lab": _Stream(len(mat["lab"]), cfg.labelled_bs, cfg.seed),
+            "unl": _Stream(len(mat["unl"]), cfg.unlabelled_bs, cfg.seed + 1)}
 
 
 def _pipeline_batch(mat: dict, cfg: Config, stream: dict) -> tuple[dict, dict]:
@@ -231,8 +231,8 @@ def _text_guidance_section(cfg: Config, device: torch.device, mat: dict, repeats
         return fn
 
     med = _round_robin({k: caller(k) for k in steps}, repeats, warmup, device, progress, "text guidance")
-    steps_per_epoch = cfg.steps_per_epoch or max(math.ceil(len(mat["data"].labelled) / cfg.labeled_bs),
-                                                 math.ceil(mat["n_unlabelled_total"] / cfg.unlabeled_bs))
+    steps_per_epoch = cfg.steps_per_epoch or max(math.ceil(len(mat["data"].labelled) / cfg.labelled_bs),
+                                                 math.ceil(mat["n_unlabelled_total"] / cfg.unlabelled_bs))
     cache_run = mat["cache_seconds_per_image"] * mat["n_unlabelled_total"]
     return {
         "step_seconds": med,
@@ -242,7 +242,7 @@ def _text_guidance_section(cfg: Config, device: torch.device, mat: dict, repeats
         "cache_seconds_per_image": mat["cache_seconds_per_image"],
         # the one-off cache fill against the mt training time of a full run at this profile's settings
         "cache_share_of_run": cache_run / (cfg.epochs * steps_per_epoch * med["mt"]),
-        "batch": {"labelled": cfg.labeled_bs, "unlabelled": cfg.unlabeled_bs, "image_size": cfg.image_size},
+        "batch": {"labelled": cfg.labelled_bs, "unlabelled": cfg.unlabelled_bs, "image_size": cfg.image_size},
         "vlm": mat["vlm_source"],
     }
 
@@ -296,7 +296,7 @@ def _step_flops(cfg: Config, device: torch.device, x: torch.Tensor, y: torch.Ten
 
 def _unet_section(cfg: Config, device: torch.device, repeats: int, warmup: int, variants: tuple[str, ...],
                   matmul_n: int, progress: bool) -> dict[str, Any]:
-    b = cfg.labeled_bs + cfg.unlabeled_bs
+    b = cfg.labelled_bs + cfg.unlabelled_bs
     g = torch.Generator().manual_seed(cfg.seed)
     x = torch.rand(b, 3, cfg.image_size, cfg.image_size, generator=g).to(device)  # (B, 3, H, W)
     y = (torch.rand(b, 1, cfg.image_size, cfg.image_size, generator=g) > 0.9).float().to(device)  # (B, 1, H, W)
@@ -383,8 +383,8 @@ def _loader_section(cfg: Config, mat: dict, step_seconds: float, n_batches: int)
         _pipeline_batch(mat, cfg, stream)
         times.append(time.perf_counter() - t0)
     per_batch = statistics.median(times)
-    delivered = (cfg.labeled_bs + cfg.unlabeled_bs) / per_batch
-    consumed = (cfg.labeled_bs + cfg.unlabeled_bs) / step_seconds
+    delivered = (cfg.labelled_bs + cfg.unlabelled_bs) / per_batch
+    consumed = (cfg.labelled_bs + cfg.unlabelled_bs) / step_seconds
     return {"num_workers": 0, "pipeline_seconds_per_step": per_batch, "delivered_images_per_second": delivered,
             "step_images_per_second": consumed, "loader_to_step_ratio": delivered / consumed}
 
@@ -405,7 +405,7 @@ def step_throughput(cfg: Config, *, amp: bool | None = None, steps: int = 20, wa
     device = resolve_device(cfg.device)
     amp = device.type == "cuda" if amp is None else amp
     g = torch.Generator().manual_seed(cfg.seed)
-    s, bl, bu = cfg.image_size, cfg.labeled_bs, cfg.unlabeled_bs
+    s, bl, bu = cfg.image_size, cfg.labelled_bs, cfg.unlabelled_bs
     lb = {"image": torch.rand(bl, 3, s, s, generator=g).to(device),
           "mask": (torch.rand(bl, 1, s, s, generator=g) > 0.9).float().to(device)}
     ub = {"image": torch.rand(bu, 3, s, s, generator=g).to(device),
