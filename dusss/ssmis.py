@@ -403,9 +403,6 @@ def train_ssmis(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         ddp = ", ".join(name for name, cls in METHODS.items() if cls.distributed)
         raise ConfigError(f"method={cfg.method!r} does not run under torchrun yet (only {ddp}); start it as a "
                           "single process")
-    if info.distributed and cfg.bn_batch == "separate":
-        raise ConfigError("bn_batch='separate' runs as a single process only (two student forwards per step do not "
-                          "fit DistributedDataParallel); use bn_batch=joint under torchrun")
     with quiet_non_main():
         return _train_ssmis(resolve_dataset(cfg), method_cls, info, progress=progress and info.is_main)
 

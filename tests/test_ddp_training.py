@@ -27,7 +27,7 @@ WORLD = 2
 def _cfgs(root):
     common = dict(data_root=str(root / "data"), num_threads=1, device="cpu")
     vlm = make_config("smoke", out_dir=str(root / "vlm"), vlm_epochs=1, **common)
-    mt = make_config("smoke", method="mt", epochs=1, out_dir=str(root / "mt"), **common)
+    mt = make_config("smoke", method="mt", bn_batch="separate", epochs=1, out_dir=str(root / "mt"), **common)
     dusss = make_config("smoke", method="dusss", epochs=1, out_dir=str(root / "dusss"),
                         vlm_checkpoint=str(root / "vlm" / "vlm.pt"), **common)
     return vlm, mt, dusss

@@ -8,9 +8,9 @@ the unlabelled ones by consistency with the EMA teacher's prediction (Eqs.
 unlabelled images go through the student as one batch, so BatchNorm
 normalises them together; ``"separate"`` forwards them as two batches, for
 data whose labelled and unlabelled batches can differ in stain or modality
-(``nuclei-real`` mixes H&E and fluorescence). ``"separate"`` runs as a single
-process only (two forwards before one backward do not fit
-DistributedDataParallel's gradient hooks).
+(``nuclei-real`` mixes H&E and fluorescence). Under DistributedDataParallel
+the two forwards feed one backward, so each parameter's gradient is reduced
+once (tests/test_ddp_training.py trains ``mt`` with ``"separate"``).
 """
 from __future__ import annotations
 
