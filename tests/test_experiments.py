@@ -67,6 +67,13 @@ def test_study_summary_pairs_by_seed_and_chooses_the_best_validation_gain():
         study.choose(study.summarise(_study_frame().iloc[:0]))
 
 
+def test_study_markdown_lists_every_recipe_best_first_with_its_interval():
+    text = study.summary_markdown(study.summarise(_study_frame()))
+    rows = [line for line in text.splitlines() if line.startswith("| qata-synth")]
+    assert [r.split("|")[2].strip() for r in rows] == ["`good`", "`bad`"]
+    assert "+2.20 [" in rows[0] and "-3.00 [" in rows[1] and rows[0].rstrip().endswith("| 3 | 0 |")
+
+
 def test_every_recipe_is_a_valid_config():
     for name in study.RECIPES:
         cfg = study._recipe_config("smoke", "qata-synth", name, 1, {})

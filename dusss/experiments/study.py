@@ -17,20 +17,22 @@ over both data sets. Test Dice is kept in the files but never read here.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Iterable
 
 import pandas as pd
 
 from ..config import Config, make_config, parse_overrides
 from ..paths import results_dir, runs_dir, tagged
+from ..plotting import save_figure
 from ..runs import run_file
 from ..ssmis import train_ssmis
 from ..stats import paired_difference
-from ..utils import atomic_write_json, get_logger
+from ..utils import atomic_write_json, atomic_write_text, get_logger
 from .grid import LOWEST_SHARE, _in_pool, parse_seeds, run_jobs
 
 __all__ = ["RECIPES", "study_file", "run_recipe", "run_study", "load_study", "summarise", "choose", "plot_curves",
-           "run"]
+           "summary_markdown", "write_outputs", "run"]
 
 log = get_logger(__name__)
 
@@ -166,9 +168,30 @@ def run(args, cfg: Config) -> int:
                  if k not in ("dataset", "seed", "ratio", "method")}
     run_study(cfg.profile, args.datasets, parse_seeds(args.seeds), args.recipes or tuple(RECIPES),
               workers=args.workers, overrides=overrides)
-    summary = summarise(load_study(cfg.profile))
-    path = results_dir() / f"{tagged('study_summary', cfg.profile)}.csv"
+    write_outputs(cfg.profile)
+    return 0
+
+
+def summary_markdown(summary: pd.DataFrame) -> str:
+    """The summary as a Markdown table, best recipe first per data set, each with its settings and interval."""
+    lines = ["| data set | recipe | settings | val Dice | minus labelled-only [95 % CI] | seeds | declines |",
+             "|---|---|---|---|---|---|---|"]
+    for _, r in summary.sort_values(["dataset", "minus_labelled_only"], ascending=[True, False]).iterrows():
+        ci = ("n/a (one seed)" if r["n_pairs"] < 2 else f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]")
+        settings = ", ".join(f"{k}={v}" for k, v in RECIPES.get(r["recipe"], {}).items())
+        lines.append(f"| {r['dataset']} | `{r['recipe']}` | {settings} | {r['val_dice']:.2f} | "
+                     f"{r['minus_labelled_only']:+.2f} {ci} | {int(r['n_pairs'])} | {int(r['declines'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(profile: str) -> dict[str, Path]:
+    """``results/study_summary[_profile].csv`` and ``.md`` and ``figures/study_curves[_profile].png`` from the
+    study's results files; prints the table and the chosen recipe. Returns the paths."""
+    summary = summarise(load_study(profile))
+    path = results_dir() / f"{tagged('study_summary', profile)}.csv"
     summary.to_csv(path, index=False)
+    atomic_write_text(path.with_suffix(".md"), summary_markdown(summary))
+    figure = save_figure(plot_curves(load_study(profile)), tagged("study_curves", profile))
     print(summary.to_string(index=False))
     print(f"chosen recipe (highest mean validation gain over labelled-only): {choose(summary)} -> {path}")
-    return 0
+    return {"csv": path, "markdown": path.with_suffix(".md"), "figure": figure}
