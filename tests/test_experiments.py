@@ -54,7 +54,8 @@ def _study_frame():
         rows.append(("qata-synth", "good", seed, base + 0.02 + 0.001 * seed))
         rows.append(("qata-synth", "bad", seed, base - 0.03))
     frame = pd.DataFrame(rows, columns=["dataset", "recipe", "seed", "val_dice"])
-    return frame.assign(best_epoch=10, decline=False, curve_val_dice=None, curve_teacher_dice=None)
+    return frame.assign(best_epoch=10, decline=False, curve_val_dice=None, curve_teacher_dice=None,
+                        test_dice=frame["val_dice"] - 0.01 * (frame["recipe"] == "good"))
 
 
 def test_study_summary_pairs_by_seed_and_chooses_the_best_validation_gain():
@@ -72,6 +73,14 @@ def test_study_markdown_lists_every_recipe_best_first_with_its_interval():
     rows = [line for line in text.splitlines() if line.startswith("| qata-synth")]
     assert [r.split("|")[2].strip() for r in rows] == ["`good`", "`bad`"]
     assert "+2.20 [" in rows[0] and "-3.00 [" in rows[1] and rows[0].rstrip().endswith("| 3 | 0 |")
+
+
+def test_confirm_reads_test_dice_of_the_chosen_recipe_only_paired_by_seed():
+    frame = _study_frame()
+    row = study.confirm(frame, "good").iloc[0]
+    assert row["minus_labelled_only"] == pytest.approx(1.2) and row["n_pairs"] == 3 and row["seeds"] == "1,2,3"
+    assert row["test_dice"] == pytest.approx(100 * frame[frame["recipe"] == "good"]["test_dice"].mean())
+    assert study.confirm(frame, "absent").empty
 
 
 def test_every_recipe_is_a_valid_config():
