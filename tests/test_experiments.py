@@ -83,6 +83,18 @@ def test_confirm_reads_test_dice_of_the_chosen_recipe_only_paired_by_seed():
     assert study.confirm(frame, "absent").empty
 
 
+def test_run_study_puts_missing_baselines_and_recipes_in_one_pool_and_skips_done_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("DUSSS_RESULTS", str(tmp_path))
+    done = study.study_file("smoke", "qata-synth", "previous", 2)
+    done.parent.mkdir(parents=True)
+    done.write_text("{}")
+    calls = []
+    monkeypatch.setattr(study, "_study_job", lambda profile, *item: calls.append(item[:3]))
+    study.run_study("smoke", ["qata-synth"], [1, 2], ["previous"], workers=1)
+    assert calls == [("qata-synth", "labelled-only", 1), ("qata-synth", "labelled-only", 2),
+                     ("qata-synth", "previous", 1)]
+
+
 def test_every_recipe_is_a_valid_config():
     for name in study.RECIPES:
         cfg = study._recipe_config("smoke", "qata-synth", name, 1, {})

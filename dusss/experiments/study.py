@@ -29,7 +29,7 @@ from ..runs import run_file
 from ..ssmis import train_ssmis
 from ..stats import paired_difference
 from ..utils import atomic_write_json, atomic_write_text, get_logger
-from .grid import LOWEST_SHARE, _in_pool, parse_seeds, run_jobs
+from .grid import LOWEST_SHARE, _in_pool, _run_job, parse_seeds
 
 __all__ = ["RECIPES", "study_file", "run_recipe", "run_study", "load_study", "summarise", "choose", "plot_curves",
            "summary_markdown", "confirm", "write_outputs", "run"]
@@ -88,14 +88,22 @@ def _recipe_job(profile, dataset, recipe, seed, overrides, threads):
     return run_recipe(profile, dataset, recipe, seed, {**overrides, "num_threads": threads})
 
 
+def _study_job(profile, dataset, name, seed, overrides, threads):
+    """One job of the study's pool: the labelled-only grid run (``name`` = ``"labelled-only"``) or a recipe run."""
+    if name == "labelled-only":
+        return _run_job(profile, dataset, "unet", LOWEST_SHARE, seed, overrides, threads)
+    return _recipe_job(profile, dataset, name, seed, overrides, threads)
+
+
 def run_study(profile: str, datasets: Iterable[str], seeds: Iterable[int], recipes: Iterable[str] = tuple(RECIPES),
               *, workers: int = 1, overrides: dict | None = None) -> None:
-    """The labelled-only baselines (grid runs) first, then every missing recipe run, ``workers`` at a time."""
+    """Every missing labelled-only baseline (a grid run, shared with the grid) and recipe run, ``workers`` at a time
+    in one pool, so no worker waits for the baselines."""
     seeds, datasets, recipes = list(seeds), list(datasets), list(recipes)
-    base = [(d, "unet", LOWEST_SHARE, s) for s in seeds for d in datasets]
-    run_jobs(profile, base, workers=workers, overrides=overrides)
-    todo = [(d, r, s) for s in seeds for d in datasets for r in recipes if not study_file(profile, d, r, s).is_file()]
-    _in_pool(_recipe_job, profile, todo, dict(overrides or {}), workers, "recipe runs")
+    todo = [(d, "labelled-only", s) for s in seeds for d in datasets
+            if not run_file(profile, d, "unet", LOWEST_SHARE, s).is_file()]
+    todo += [(d, r, s) for s in seeds for d in datasets for r in recipes if not study_file(profile, d, r, s).is_file()]
+    _in_pool(_study_job, profile, todo, dict(overrides or {}), workers, "study runs")
 
 
 def load_study(profile: str) -> pd.DataFrame:
