@@ -21,6 +21,7 @@ def test_each_notebook_has_two_checked_profile_independent_outputs(path):
     for cell in checked:
         source = "".join(cell["source"])
         assert cell["outputs"], f"{path.name}: a checked cell has no committed output to compare"
+        assert cell["execution_count"] is not None, f"{path.name}: nbval fails a cell with outputs but no count"
         assert not any(word in source for word in PROFILE_WORDS), f"{path.name}: checked cell reads the profile"
 
 
