@@ -148,12 +148,13 @@ class Config:
     lr: float = _step2(1e-3)  # Adam learning rate (paper: 3e-4 QaTa/BM-Seg, 1e-3 MoNuSeg; demo: 1e-3, chosen on val)
     lr_schedule: str = _step2("cosine")  # "cosine": decay to 0 over epochs * steps_per_epoch steps; "constant"
     ema_alpha: float = _step2(0.99)  # Eq. 12 alpha (upper bound of the ramp min(1-1/(t+1), alpha))
-    cons_loss: str = _step2("mse")  # consistency form: "mse" on probabilities (MT, SSL4MIS) | "bce" to the soft target (Eqs. 15-16)
-    cons_weight: float = _step2(0.1)  # weight of L_semi after ramp-up (paper: not given; SSL4MIS: 0.1)
-    rampup_epochs: float = _step2(20.0)  # sigmoid ramp-up length of the L_semi weight (epochs; SSL4MIS: the whole run)
+    cons_loss: str = _step2("bce")  # consistency form: "bce" to the soft target (Eqs. 15-16) | "mse" on probabilities (MT, SSL4MIS)
+    cons_weight: float = _step2(1.0)  # weight of L_semi after ramp-up (paper: not given; SSL4MIS: 0.1)
+    rampup_epochs: float = _step2(2.0)  # sigmoid ramp-up length of the L_semi weight (epochs; SSL4MIS: the whole run)
+    # the five keys above and below: the issue-20 study's choice (docs/step2_ssmis.md#consistency-settings)
     perturb: str = _step2("noise")  # views of an unlabelled image: "noise" on the teacher's | "strong" student view | "none"
     noise_std: float = _step2(0.1)  # perturbation noise sd, relative to each image's own sd (clipped at 2 sd)
-    bn_batch: str = _step2("joint")  # MT/DuSSS student forward: "joint" = labelled + unlabelled as one BatchNorm batch | "separate"
+    bn_batch: str = _step2("separate")  # MT/DuSSS student forward: "separate" BatchNorm batches for labelled and unlabelled | "joint"
     min_epochs: int = _step2(10, budget=True)  # no early stopping before this many epochs
     patience: int = _step2(5, budget=True)  # early stopping on validation Dice after min_epochs (paper: 20)
     threshold: float = _step2(0.5)  # probability threshold for masks and metrics
@@ -169,6 +170,7 @@ class Config:
     bcp_pretrain_frac: float = _step2(0.25)  # BCP: share of the epochs spent pre-training on labelled copy-paste (BCP: 10k of 40k iterations)
     ucmt_grid: int = _step2(4)  # UCMT (Shen et al. 2023) UMIX: patches per image side
     ucmt_topk: int = _step2(4)  # UCMT UMIX: most uncertain patches replaced per image (by the other image's most certain)
+    ssl_rampup_epochs: float = _step2(20.0)  # sigmoid ramp-up of the CCT / MC-Net / SS-Net weights (their authors: the whole run)
     cct_aux: int = _step2(3)  # CCT (Ouali et al. 2020, as SSL4MIS runs it in 2D): auxiliary decoders, perturbations cycled noise, dropout, feature drop
     cct_weight: float = _step2(0.1)  # CCT: consistency weight after the sigmoid ramp-up over rampup_epochs (SSL4MIS: 0.1)
     cct_noise: float = _step2(0.3)  # CCT feature noise: f + f * U(-r, r), one draw per channel and pixel (CCT, SSL4MIS: 0.3)
@@ -265,14 +267,14 @@ PROFILES: dict[str, dict[str, Any]] = {
         image_size=64, synth_train=48, synth_val=16, synth_test=16, synth_size=128,
         nuclei_patch=128, vit_width=64, vit_depth=1, vit_heads=2, embed_dim=32,
         text_max_len=32, vlm_epochs=2, vlm_batch_size=8, unet_base=4, epochs=2,
-        labelled_bs=4, unlabelled_bs=4, patience=2, rampup_epochs=1.0, steps_per_epoch=0, min_epochs=0,
+        labelled_bs=4, unlabelled_bs=4, patience=2, rampup_epochs=1.0, ssl_rampup_epochs=2.0, steps_per_epoch=0, min_epochs=0,
     ),
     "demo": dict(),
     "paper": dict(
         image_size=224, synth_train=5716, synth_val=1429, synth_test=2113, synth_size=512,
         vit_width=768, vit_depth=12, vit_heads=12, embed_dim=256, vlm_epochs=50,
         vlm_batch_size=32, unet_base=64, epochs=200, labelled_bs=16, unlabelled_bs=16,
-        lr=3e-4, patience=20, rampup_epochs=200.0, num_workers=4, steps_per_epoch=0, min_epochs=50,
+        lr=3e-4, patience=20, rampup_epochs=20.0, ssl_rampup_epochs=200.0, num_workers=4, steps_per_epoch=0, min_epochs=50,
     ),
 }
 
@@ -384,6 +386,7 @@ def _check_ranges(cfg: Config) -> None:
         ("bn_batch", cfg.bn_batch in ("joint", "separate"), "must be 'joint' or 'separate'"),
         ("cons_weight", cfg.cons_weight >= 0, "must be >= 0"),
         ("rampup_epochs", cfg.rampup_epochs >= 0, "must be >= 0 (0 = no ramp-up)"),
+        ("ssl_rampup_epochs", cfg.ssl_rampup_epochs >= 0, "must be >= 0 (0 = no ramp-up)"),
         ("min_epochs", cfg.min_epochs >= 0, "must be >= 0"),
         ("guard_epochs", cfg.guard_epochs >= 1, "must be >= 1"),
         ("amp", cfg.amp in AMP_MODES, f"must be one of {AMP_MODES}"),

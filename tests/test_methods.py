@@ -227,7 +227,7 @@ def test_consistency_forms_against_hand_computation():
 
 
 def test_mean_teacher_step_feeds_the_teacher_a_noisy_view_and_the_student_the_clean_one():
-    cfg = make_config("smoke", image_size=16, unet_base=4, method="mt", perturb="noise", noise_std=0.1)
+    cfg = make_config("smoke", image_size=16, unet_base=4, method="mt", perturb="noise", noise_std=0.1, bn_batch="joint")
     torch.manual_seed(0)
     student, teacher = build_unet(cfg), build_unet(cfg)
     seen = {}

@@ -311,7 +311,7 @@ def _run(root, out, method, epochs):
     # a constant learning rate: the cosine schedule spans `epochs`, so a 1-epoch run would not be a prefix of a
     # 3-epoch one; no ramp-up: every epoch's loss is the same objective, so "the loss fell" compares like with like
     cfg = make_config("smoke", method=method, image_size=SIZE, unet_base=4, epochs=epochs, num_threads=1,
-                      lr_schedule="constant", rampup_epochs=0.0, data_root=root, out_dir=str(out))
+                      lr_schedule="constant", ssl_rampup_epochs=0.0, data_root=root, out_dir=str(out))
     return train_ssmis(cfg, progress=False)
 
 

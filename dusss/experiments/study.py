@@ -170,7 +170,8 @@ def confirm(study: pd.DataFrame, recipe: str) -> pd.DataFrame:
 
 
 def plot_curves(study: pd.DataFrame):
-    """Validation Dice and teacher pseudo-label Dice per epoch, mean over seeds, one line per recipe, per data set."""
+    """Validation Dice and teacher pseudo-label Dice per epoch, mean over the seeds still running at that epoch (runs
+    stop early), one line per recipe (solid: separate BatchNorm batches, dotted: joint), per data set."""
     import matplotlib.pyplot as plt
 
     datasets = sorted(set(study["dataset"]))
@@ -180,7 +181,9 @@ def plot_curves(study: pd.DataFrame):
         for recipe, runs in grp.groupby("recipe"):
             for i, key in enumerate(("curve_val_dice", "curve_teacher_dice")):
                 curves = pd.DataFrame(runs[key].tolist()).mean(axis=0)
-                axes[i, j].plot(range(1, len(curves) + 1), 100 * curves, label=recipe)
+                separate = RECIPES.get(recipe, {}).get("bn_batch") == "separate"  # solid: two BatchNorm batches
+                axes[i, j].plot(range(1, len(curves) + 1), 100 * curves, label=recipe, ls="-" if separate else ":",
+                                lw=2.0 if separate else 1.2)
         base = study[(study["dataset"] == dataset) & (study["recipe"] == "labelled-only")]
         if len(base):
             axes[0, j].axhline(100 * base["val_dice"].mean(), color="k", ls="--", label="labelled-only (best)")

@@ -23,7 +23,7 @@ Loss, with ``p = σ(z)`` and ``K = cct_aux``::
 ``L_sup`` is Eq. 14 (BCE) on the labelled images; the consistency is on the
 unlabelled images, to the main decoder's *detached* probability (CCT's
 ``output_ul.detach()``; SSL4MIS lets the gradient reach the main decoder too);
-``w(t) = cct_weight · exp(−5(1 − t)²)`` ramped over ``rampup_epochs``
+``w(t) = cct_weight · exp(−5(1 − t)²)`` ramped over ``ssl_rampup_epochs`` (default: the whole run, as its authors; not the Mean-Teacher ``rampup_epochs``)
 (SSL4MIS: 0.1 over the run). Labelled and unlabelled images pass the encoder
 as one batch. The auxiliary decoders are trained by the loop's optimiser
 through the method's ``parameters()`` hook (:mod:`dusss.methods.base`); their
@@ -133,7 +133,7 @@ class CCT:
         l_sup = (l_main + sum(self.sup(z[:n_l], batch.y_l) for z in z_aux)) / (1 + len(z_aux))
         target = torch.sigmoid(z_main[n_l:]).detach()  # (Bu, 1, H, W)
         l_cons = torch.stack([consistency_loss(z[n_l:], target, "mse") for z in z_aux]).mean()
-        weight = self.cfg.cct_weight * sigmoid_rampup(batch.epoch, self.cfg.rampup_epochs)
+        weight = self.cfg.cct_weight * sigmoid_rampup(batch.epoch, self.cfg.ssl_rampup_epochs)
         return StepOutput(l_sup + weight * l_cons, l_sup, {"semi": l_cons, "sup_main": l_main}, weight)
 
     def state_dict(self) -> dict:

@@ -19,7 +19,7 @@ channels (the background channel gives the same squared errors), so the binary
 form is the authors' loss, computed stably from the logits. As in the authors'
 code the sharpened pseudo labels are *not* detached (the gradient reaches both
 decoders of a pair) and the pair sum is not averaged. ``w(t) = mcnet_weight ·
-exp(−5(1 − t)²)`` ramped over ``rampup_epochs`` (authors: 0.1 over the run).
+exp(−5(1 − t)²)`` ramped over ``ssl_rampup_epochs`` (default: the whole run, as its authors; not the Mean-Teacher ``rampup_epochs``) (authors: 0.1 over the run).
 Deviations: ``L_sup`` is Eq. 14 (BCE) where the authors optimise Dice only (their
 CE is computed but unused), Adam and the project's schedule instead of SGD,
 the decoders' output conv is LViT's 1x1 (the authors': 3x3) and the encoder
@@ -88,7 +88,7 @@ class MCNet:
         sups = [self.sup(z[:n_l], batch.y_l) for z in logits]
         l_sup = torch.stack(sups).sum()
         l_mc = mutual_consistency(logits, self.cfg.mcnet_temperature)
-        weight = self.cfg.mcnet_weight * sigmoid_rampup(batch.epoch, self.cfg.rampup_epochs)
+        weight = self.cfg.mcnet_weight * sigmoid_rampup(batch.epoch, self.cfg.ssl_rampup_epochs)
         return StepOutput(l_sup + weight * l_mc, l_sup, {"semi": l_mc, "sup_main": sups[0]}, weight)
 
     def state_dict(self) -> dict:

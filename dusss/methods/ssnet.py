@@ -29,7 +29,7 @@ The student U-Net alone segments; SS-Net adds two terms, with ``p = σ(z)``::
   A class with fewer than two pixels in the batch keeps its last prototype (the
   authors' memory keeps a class's entries until new ones come).
 
-``w(t) = ssnet_weight · exp(−5(1 − t)²)`` ramped over ``rampup_epochs``
+``w(t) = ssnet_weight · exp(−5(1 − t)²)`` ramped over ``ssl_rampup_epochs`` (default: the whole run, as its authors; not the Mean-Teacher ``rampup_epochs``)
 (authors: 0.1 over the run), ``ssnet_sep_weight`` = 0.1 (authors).
 
 Simplified for binary logits (docs: deviations): (1) both classes are
@@ -218,7 +218,7 @@ class SSNet:
         l_sep_u = separation_loss(self._embed(f[n_l:]), pred[n_l:].reshape(-1), self.prototypes, self.valid)
 
         semi = l_lds + self.cfg.ssnet_sep_weight * (l_sep_l + l_sep_u)
-        weight = self.cfg.ssnet_weight * sigmoid_rampup(batch.epoch, self.cfg.rampup_epochs)
+        weight = self.cfg.ssnet_weight * sigmoid_rampup(batch.epoch, self.cfg.ssl_rampup_epochs)
         terms = {"semi": semi, "lds": l_lds, "sep_l": l_sep_l, "sep_u": l_sep_u}
         return StepOutput(l_sup + weight * semi, l_sup, terms, weight)
 
