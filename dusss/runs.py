@@ -125,6 +125,9 @@ ROWS: dict[str, RowSpec] = {
     "mt": RowSpec("Mean Teacher", "mt", paper1="MT", paper2=(0, 0, 0)),
     "bcp": RowSpec("BCP", "bcp", paper1="BCP"),
     "ucmt": RowSpec("UCMT (simplified)", "ucmt", paper1="UCMT"),
+    "cct": RowSpec("CCT", "cct", paper1="CCT"),
+    "mcnet": RowSpec("MC-Net", "mcnet", paper1="MC-Net"),
+    "ssnet": RowSpec("SS-Net (simplified)", "ssnet", paper1="SS-Net"),
     "clip": RowSpec("CLIP-style VLM + text-guided SSMIS", "dusss", _vlm(False, False, False)),
     "sss": RowSpec("SSS", "dusss", _vlm(True, False, False), paper2=(1, 0, 0)),
     "dcl": RowSpec("DCL", "dusss", _vlm(False, True, False), paper2=(0, 1, 0)),
@@ -133,7 +136,7 @@ ROWS: dict[str, RowSpec] = {
     "sss+dcl": RowSpec("SSS + DCL", "dusss", _vlm(True, True, False), paper2=(1, 1, 0)),
     "dusss": RowSpec("DuSSS (SSS + DCL + L_tg)", "dusss", _vlm(True, True, True), paper1="DuSSS", paper2=(1, 1, 1)),
 }
-TABLE1_ROWS = ("unet100", "unet", "mt", "bcp", "ucmt", "clip", "dusss")
+TABLE1_ROWS = ("unet100", "unet", "mt", "bcp", "ucmt", "cct", "mcnet", "ssnet", "clip", "dusss")
 TABLE2_ROWS = ("mt", "sss", "dcl", "sss+tg", "dcl+tg", "sss+dcl", "dusss")
 
 
