@@ -31,7 +31,7 @@ EMBEDDED = [name for name, spec in DATASETS.items() if spec.generated]  # defaul
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("dusss.commands:run_data", "generate the embedded data sets, prepare raw downloads, check a data folder"),
     "pretrain": ("dusss.commands:run_pretrain", "Step 1: pre-train the DuSSS vision-language model"),
-    "ssmis": ("dusss.commands:run_ssmis", "Step 2: text-guided Mean-Teacher segmentation (or mt / supervised)"),
+    "ssmis": ("dusss.commands:run_ssmis", "Step 2: semi-supervised segmentation with any registered method (--method; default dusss)"),
     "evaluate": ("dusss.commands:run_evaluate", "Dice and mIoU of a segmentation checkpoint on a split"),
     "tables": ("dusss.experiments.tables:run",
                "Tables 1 and 2: train the missing runs for one data set and seed, render the tables"),
