@@ -394,3 +394,18 @@ def test_measured_seconds_take_the_wall_time_of_grid_runs_and_training_time_of_a
     runs = pd.DataFrame({"method": ["mt", "mt", "mt", "dusss"], "ssmis_seconds": [0.2, 500.0, 300.0, 900.0],
                          "train_seconds": [450.0, 400.0, 600.0, 800.0]})
     assert T.measured_seconds("demo", runs) == {"mt": 500.0, "dusss": 900.0}
+
+
+def test_grid_sets_aside_a_run_folder_trained_with_other_settings_and_keeps_a_resumable_one(tmp_outputs):
+    cfg = run_config("smoke", "qata-synth", "mt", 0.25, 7, {})
+    folder = T.ssmis_dir(cfg)
+    folder.mkdir(parents=True)
+    cfg.save(folder / "config.json")
+    assert T.set_aside_stale(cfg) is None and folder.is_dir()  # same settings: left to resume
+    cfg.replace(cons_weight=cfg.cons_weight * 3).save(folder / "config.json")
+    (folder / "last.pt").write_bytes(b"old run")
+    moved = T.set_aside_stale(cfg)
+    assert moved is not None and not folder.exists()
+    assert moved.parent == tmp_outputs / "runs" / "archive" / "stale" / folder.parent.name
+    assert moved.name.startswith(folder.name + "-") and (moved / "last.pt").read_bytes() == b"old run"
+    assert T.set_aside_stale(cfg) is None  # nothing left to move

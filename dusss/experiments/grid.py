@@ -7,6 +7,9 @@
   when the run ends, and a run whose file exists is skipped, so the command can
   be stopped at any point and started again: finished runs are kept, and an
   interrupted run continues from its ``last.pt`` (Step 2 resumes exactly).
+  A run folder left by other settings (its results file deleted after the
+  row's defaults changed) is moved to ``runs/archive/stale/`` and the run
+  trained afresh (:func:`dusss.experiments.tables.set_aside_stale`).
 - ``--workers N`` runs N runs side by side, each in its own process with
   ``cores // N`` torch threads (two processes with two threads each on two
   cores run at a fraction of the speed of two with one).

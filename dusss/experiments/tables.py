@@ -44,7 +44,7 @@ from matplotlib.ticker import NullLocator
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from ..config import Config, make_config, parse_overrides
+from ..config import Config, make_config, parse_overrides, resume_differences
 from ..data.registry import PAPER_KEYS, PAPER_NAMES, PAPER_ONLY
 from ..paper_tables import paper_table1, paper_table2
 from ..paths import results_dir, runs_dir, tagged
@@ -57,7 +57,7 @@ from ..stats import paired_difference, t_interval
 from ..unet import build_unet, count_parameters
 from ..utils import atomic_write_json, atomic_write_text, get_logger, repo_root
 
-__all__ = ["PAPER_NAMES", "PAPER_ONLY", "run_one", "run_grid", "load_runs", "summarise", "render_tables", "complexity",
+__all__ = ["PAPER_NAMES", "PAPER_ONLY", "run_one", "set_aside_stale", "run_grid", "load_runs", "summarise", "render_tables", "complexity",
            "write_outputs", "plot_tables", "grid_cost", "measured_seconds", "write_results_page", "RESULTS_PAGE",
            "COMPONENTS", "component_effects", "row_contrasts", "CONTRASTS", "HEADLINE_CONTRASTS", "coverage",
            "plot_differences", "EFFICIENCY_ROWS", "label_efficiency", "plot_label_efficiency"]
@@ -90,6 +90,8 @@ def run_one(profile: str, dataset: str, row: str, ratio: float, seed: int, *,
     if path.is_file() and not rerun:
         return json.loads(path.read_text())
     cfg = run_config(profile, dataset, row, ratio, seed, overrides or {})
+    if not rerun:
+        set_aside_stale(cfg)
     pre_s = 0.0
     if needs_vlm(row) and not default_vlm_checkpoint(cfg).is_file():
         t0 = time.perf_counter()
@@ -102,6 +104,36 @@ def run_one(profile: str, dataset: str, row: str, ratio: float, seed: int, *,
               "ssmis_seconds": time.perf_counter() - t0}
     atomic_write_json(path, result)
     return result
+
+
+def set_aside_stale(cfg: Config) -> Path | None:
+    """Move ``cfg``'s Step-2 run folder to ``runs/archive/stale/`` when it was trained with other settings.
+
+    A grid run whose results file is gone but whose run folder remains (the
+    settings of the row changed since, e.g. new Step-2 defaults) would
+    otherwise stop the grid with the loop's resume refusal (``ConfigError``).
+    The folder is kept, not deleted, under
+    ``runs/archive/stale/<dataset>-<profile>/<name>-<time>``; returns that path,
+    or None when there is nothing to set aside (no folder, or one this config
+    may resume). Only the harness does this: ``train_ssmis`` itself still
+    refuses, so a hand-run folder is never moved behind its owner's back.
+    """
+    folder = ssmis_dir(cfg)
+    saved = folder / "config.json"
+    if not saved.is_file():
+        return None
+    try:
+        differences = resume_differences(json.loads(saved.read_text()), cfg, 2)
+    except (OSError, json.JSONDecodeError) as exc:
+        differences = [f"unreadable config.json ({exc})"]
+    if not differences:
+        return None
+    target = runs_dir() / "archive" / "stale" / folder.parent.name / f"{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder.rename(target)
+    log.warning("%s was trained with other settings (%s); moved it to %s and training afresh", folder,
+                ", ".join(differences[:4]), target)
+    return target
 
 
 def run_grid(profile: str, datasets: Iterable[str], seeds: Iterable[int], *,
