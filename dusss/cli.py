@@ -40,6 +40,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "the Step-2 consistency-recipe study: MT recipes vs labelled-only, on validation"),
     "grid": ("dusss.experiments.grid:run",
              "the testbed grid: every (row, share, seed, data set) run, parallel, resumable"),
+    "complexity": ("dusss.experiments.complexity:run",
+                   "Params and FLOPs of each table row's inference network on one image, beside the paper's"),
 }
 
 
@@ -79,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="which grids (dusss.experiments.grid.GRIDS); their runs are merged")
             p.add_argument("--datasets", nargs="+", default=EMBEDDED, help="data sets (default: the embedded ones)")
             p.add_argument("--seeds", default="666-670", help="seeds, e.g. 666-670 or 666,668")
+            p.add_argument("--rows", nargs="+", default=None, help="only these rows of the grids (e.g. cct mcnet)")
+            p.add_argument("--shares", nargs="+", type=float, default=None,
+                           help="only these label shares of the grids (e.g. 0.05)")
             p.add_argument("--workers", type=int, default=1, help="runs side by side (each gets cores // workers threads)")
             p.add_argument("--list", action="store_true", help="only list the jobs and which are done")
         elif name == "study":
@@ -93,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--no-compile", action="store_true", help="skip the torch.compile U-Net variant")
             p.add_argument("--steps-only", action="store_true",
                            help="only the SSMIS step on random tensors at the profile's size (benchmarks/gpu_check.sh)")
+        elif name == "complexity":
+            p.add_argument("--size", type=int, default=224, help="side of the one input image (paper: 224)")
         elif name == "evaluate":
             p.add_argument("--checkpoint", required=True, help="segmentation checkpoint written by ssmis")
             p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to score")

@@ -99,3 +99,12 @@ def test_every_recipe_is_a_valid_config():
     for name in study.RECIPES:
         cfg = study._recipe_config("smoke", "qata-synth", name, 1, {})
         assert cfg.method == "mt" and cfg.ratio == grid.LOWEST_SHARE
+
+
+def test_grid_jobs_keep_only_the_asked_rows_and_shares_and_refuse_cells_no_grid_has():
+    jobs = grid.grid_jobs("demo", ["table1"], ["nuclei-real"], [1, 2], rows=["cct", "mcnet"], shares=[0.05])
+    assert sorted({(r, q) for _, r, q, _ in jobs}) == [("cct", 0.05), ("mcnet", 0.05)] and len(jobs) == 4
+    with pytest.raises(ValueError, match="row.*ucmtt.*none of the grids"):
+        grid.grid_jobs("demo", ["mt"], ["nuclei-real"], [1], rows=["ucmtt"])
+    with pytest.raises(ValueError, match="share.*0.3.*none of the grids"):
+        grid.grid_jobs("demo", ["mt"], ["nuclei-real"], [1], shares=[0.3])

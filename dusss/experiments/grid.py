@@ -69,19 +69,40 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def grid_jobs(profile: str, grids: Iterable[str], datasets: Iterable[str], seeds: Iterable[int]) -> list[tuple]:
+def grid_jobs(profile: str, grids: Iterable[str], datasets: Iterable[str], seeds: Iterable[int], *,
+              rows: Iterable[str] | None = None, shares: Iterable[float] | None = None) -> list[tuple]:
     """The distinct runs ``(dataset, row, share, seed)`` of the named grids, cheapest rows first within a seed.
 
     Seeds are the outer loop, so a grid stopped halfway has whole seeds of
     every cell (paired differences need the same seeds in both rows).
+    ``rows`` / ``shares`` keep only those cells of the grids (e.g. the new
+    rows at the lowest share first); a row or share no named grid has raises
+    ``ValueError``.
     """
+    grids = list(grids)
+    for name in grids:
+        if name not in GRIDS:
+            raise ValueError(f"unknown grid {name!r}; choose from {', '.join(GRIDS)}")
+    cells = {(r, q) for name in grids for r, q in GRIDS[name]}
+    if rows is not None:
+        rows = list(rows)
+        unknown = sorted(set(rows) - {r for r, _ in cells})
+        if unknown:
+            raise ValueError(f"row(s) {', '.join(unknown)} are in none of the grids {', '.join(grids)}; "
+                             f"their rows are {', '.join(sorted({r for r, _ in cells}))}")
+    if shares is not None:
+        shares = [float(q) for q in shares]
+        unknown = sorted(set(shares) - {q for _, q in cells})
+        if unknown:
+            raise ValueError(f"share(s) {', '.join(f'{q:g}' for q in unknown)} are in none of the grids "
+                             f"{', '.join(grids)}; their shares are {', '.join(f'{q:g}' for q in sorted({q for _, q in cells}))}")
     jobs: dict[str, tuple] = {}
     for seed in seeds:
         for dataset in datasets:
             for name in grids:
-                if name not in GRIDS:
-                    raise ValueError(f"unknown grid {name!r}; choose from {', '.join(GRIDS)}")
                 for row, share in GRIDS[name]:
+                    if (rows is not None and row not in rows) or (shares is not None and share not in shares):
+                        continue
                     key = f"{dataset}/{run_name(row, share, seed)}"
                     jobs.setdefault(key, (dataset, row, share, seed))
     return list(jobs.values())
@@ -144,7 +165,8 @@ def run(args, cfg: Config) -> int:
     """``python -m dusss grid``: run the named grids' missing runs (or ``--list`` them) at ``--profile``."""
     overrides = {k: v for k, v in parse_overrides(args.overrides).items() if k not in ("dataset", "seed", "ratio",
                                                                                          "method")}
-    jobs = grid_jobs(cfg.profile, args.grid, args.datasets, parse_seeds(args.seeds))
+    jobs = grid_jobs(cfg.profile, args.grid, args.datasets, parse_seeds(args.seeds),
+                     rows=getattr(args, "rows", None), shares=getattr(args, "shares", None))
     if args.list:
         done = [j for j in jobs if run_file(cfg.profile, *j).is_file()]
         print(f"{len(jobs)} runs in grid(s) {', '.join(args.grid)}; {len(done)} done, {len(jobs) - len(done)} to do")
