@@ -25,6 +25,7 @@ from .utils import atomic_write_text, repo_root
 
 AMP_MODES = ("auto", "bf16", "off")  # Config.amp: bf16 autocast on CUDA only / always / never
 LR_SCHEDULES = ("cosine", "constant")  # Config.lr_schedule (Step 2)
+STEP1_OBJECTIVES = ("dusss", "mgca")  # Config.step1_objective: the Step-1 loss (dusss.pretrain._Objective)
 _CHOICES: dict[str, Any] = {}  # key -> registry whose names are the valid values (dusss.methods fills "method")
 
 
@@ -46,7 +47,7 @@ def register_choices(key: str, registry: Any) -> None:
     """
     _CHOICES[key] = registry
 
-__all__ = ["Config", "ConfigError", "PROFILES", "AMP_MODES", "LR_SCHEDULES", "register_choices", "make_config", "parse_overrides", "default_profile",
+__all__ = ["Config", "ConfigError", "PROFILES", "AMP_MODES", "LR_SCHEDULES", "STEP1_OBJECTIVES", "register_choices", "make_config", "parse_overrides", "default_profile",
            "config_differences", "step_keys", "resume_differences", "STEPS", "RENAMED_KEYS", "upgrade_keys"]
 
 
@@ -137,8 +138,22 @@ class Config:
     ground_sup: bool = _step1(True)  # extension: also supervise Eq. 10 on the LABELLED masks (split_labelled(...)[0])
     w_ground_sup: float = _step1(4.0)  # weight of that mask supervision (BCE + soft Dice); 1.0 learned grounding too slowly
     vlm_warmup: float = _step1(1.0)  # linear learning-rate warm-up (epochs), then cosine decay
+    # Step-1 objective: "dusss" = the switches above; "mgca" = MGCA's three alignment terms (Wang et al. 2022) in
+    # place of SSS/CMC/IMC (which must then be off), use_tg and ground_sup as above. The mgca_* defaults are MGCA's
+    # released training script's (the DuSSS paper gives none); see dusss.losses.MGCALoss
+    step1_objective: str = _step1("dusss")  # one of STEP1_OBJECTIVES
+    mgca_w_instance: float = _step1(1.0)  # MGCA lambda_1: image-report InfoNCE on the global embeddings
+    mgca_w_token: float = _step1(1.0)  # MGCA lambda_2: word<->patch cross-attention alignment
+    mgca_w_proto: float = _step1(1.0)  # MGCA lambda_3: cross-modal prototype (Sinkhorn) alignment
+    mgca_tau_instance: float = _step1(0.07)  # MGCA: fixed temperature of the instance-level InfoNCE
+    mgca_tau_token: float = _step1(0.1)  # MGCA: temperature of the cross-attention and the token-level InfoNCE
+    mgca_tau_proto: float = _step1(0.2)  # MGCA: temperature of the prototype softmax
+    mgca_prototypes: int = _step1(500)  # MGCA: number K of learnable prototypes
+    mgca_sinkhorn_eps: float = _step1(0.05)  # MGCA: Sinkhorn-Knopp entropy epsilon
+    mgca_sinkhorn_iters: int = _step1(3)  # MGCA: Sinkhorn-Knopp iterations
+    mgca_freeze_proto_epochs: int = _step1(1)  # MGCA: the prototypes get no update in the first epochs
     # ---- step 2: semi-supervised segmentation ----------------------------
-    method: str = _step2("dusss")  # a registered Step-2 method (dusss.methods.METHODS): dusss, mt, supervised, bcp, ucmt, cct, mcnet, ssnet
+    method: str = _step2("dusss")  # a registered Step-2 method (dusss.methods.METHODS): dusss, mt, supervised, bcp, ucmt, cct, mcnet, ssnet, clipseg, vilt
     ratio: float = _shared(0.25)  # share of labelled training images, in (0, 1]
     vlm_checkpoint: str = _ops("")  # "" = the checkpoint notebook 02 writes for this dataset
     unet_base: int = _step2(8)  # U-Net base channels (paper: 64)
@@ -186,6 +201,13 @@ class Config:
     ssnet_xi: float = _step2(10.0)  # SS-Net VAT: size of the probe step along the random direction (authors: 10.0)
     ssnet_ip: int = _step2(1)  # SS-Net VAT: power iterations for the adversarial direction (authors: 1)
     ssnet_proj_dim: int = _step2(32)  # SS-Net: width of the projection and prediction heads on the decoder features (authors: 32)
+    textseg_width: int = _step2(128)  # CLIP / ViLT rows (dusss.textseg): transformer width (paper: ViT-B, 768)
+    textseg_depth: int = _step2(4)  # CLIP / ViLT rows: transformer layers (paper: 12)
+    textseg_heads: int = _step2(4)  # CLIP / ViLT rows: attention heads (paper: 12)
+    textseg_decoder: int = _step2(32)  # CLIP row: CLIPSeg decoder width reduce_dim (CLIPSeg rd64: 64); ViLT row: head channels
+    clipseg_patch: int = _step2(16)  # CLIP row: ViT patch size of CLIPSeg's image tower (CLIPSeg: ViT-B/16)
+    clipseg_proj_dim: int = _step2(64)  # CLIP row: size of the FiLM text embedding (CLIPSeg: 512)
+    vilt_patch: int = _step2(16)  # ViLT row: patch size (ViLT-B/32: 32; 16 keeps an 8x8 grid at 128 px)
     out_dir: str = _ops("")  # "" = runs/<command>/<dataset>/...
 
     # ------------------------------------------------------------------
@@ -268,6 +290,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         nuclei_patch=128, vit_width=64, vit_depth=1, vit_heads=2, embed_dim=32,
         text_max_len=32, vlm_epochs=2, vlm_batch_size=8, unet_base=4, epochs=2,
         labelled_bs=4, unlabelled_bs=4, patience=2, rampup_epochs=1.0, ssl_rampup_epochs=2.0, steps_per_epoch=0, min_epochs=0,
+        textseg_width=32, textseg_depth=1, textseg_heads=2, textseg_decoder=16, clipseg_patch=8, clipseg_proj_dim=32,
+        vilt_patch=8,
     ),
     "demo": dict(),
     "paper": dict(
@@ -275,6 +299,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         vit_width=768, vit_depth=12, vit_heads=12, embed_dim=256, vlm_epochs=50,
         vlm_batch_size=32, unet_base=64, epochs=200, labelled_bs=16, unlabelled_bs=16,
         lr=3e-4, patience=20, rampup_epochs=20.0, ssl_rampup_epochs=200.0, num_workers=4, steps_per_epoch=0, min_epochs=50,
+        textseg_width=768, textseg_depth=12, textseg_heads=12, textseg_decoder=64, clipseg_patch=16,
+        clipseg_proj_dim=512, vilt_patch=32,
     ),
 }
 
@@ -380,6 +406,18 @@ def _check_ranges(cfg: Config) -> None:
         ("dataset", "dataset" not in _CHOICES or cfg.dataset in _CHOICES["dataset"],
          f"must be a registered data set: one of {', '.join(_CHOICES.get('dataset', ()))}"),
         ("lr_schedule", cfg.lr_schedule in LR_SCHEDULES, f"must be one of {LR_SCHEDULES}"),
+        ("step1_objective", cfg.step1_objective in STEP1_OBJECTIVES,
+         f"must be one of {', '.join(STEP1_OBJECTIVES)} (the Step-1 loss)"),
+        ("step1_objective", cfg.step1_objective != "mgca" or not (cfg.use_sss or cfg.use_cmc or cfg.use_imc),
+         "replaces SSS, CMC and IMC by MGCA's terms: set use_sss=false, use_cmc=false and use_imc=false with it "
+         "(use_tg and ground_sup stay available)"),
+        ("mgca_tau_instance", cfg.mgca_tau_instance > 0, "must be > 0 (MGCA: 0.07)"),
+        ("mgca_tau_token", cfg.mgca_tau_token > 0, "must be > 0 (MGCA: 0.1)"),
+        ("mgca_tau_proto", cfg.mgca_tau_proto > 0, "must be > 0 (MGCA: 0.2)"),
+        ("mgca_sinkhorn_eps", cfg.mgca_sinkhorn_eps > 0, "must be > 0 (MGCA: 0.05)"),
+        ("mgca_sinkhorn_iters", cfg.mgca_sinkhorn_iters >= 1, "must be >= 1 (MGCA: 3)"),
+        ("mgca_prototypes", cfg.mgca_prototypes >= 2, "must be >= 2 (MGCA: 500)"),
+        ("mgca_freeze_proto_epochs", cfg.mgca_freeze_proto_epochs >= 0, "must be >= 0 (MGCA: 1)"),
         ("cons_loss", cfg.cons_loss in ("mse", "bce"), "must be 'mse' or 'bce'"),
         ("perturb", cfg.perturb in ("noise", "strong", "none"), "must be 'noise', 'strong' or 'none'"),
         ("noise_std", cfg.noise_std >= 0, "must be >= 0 (relative to each image's sd)"),
@@ -414,14 +452,20 @@ def _check_ranges(cfg: Config) -> None:
         ("ssnet_ip", cfg.ssnet_ip >= 1, "must be >= 1 (SS-Net: 1)"),
         ("ssnet_proj_dim", cfg.ssnet_proj_dim >= 1, "must be >= 1 (SS-Net: 32)"),
     ]
+    for key in ("mgca_w_instance", "mgca_w_token", "mgca_w_proto"):
+        checks.append((key, getattr(cfg, key) >= 0, "must be >= 0 (MGCA: 1.0)"))
     for key in ("ucmt_grid", "epochs", "vlm_epochs", "labelled_bs", "unlabelled_bs", "vlm_batch_size", "unet_base",
-                "vit_width", "vit_depth", "vit_heads", "embed_dim", "vit_patch", "patience"):
+                "vit_width", "vit_depth", "vit_heads", "embed_dim", "vit_patch", "patience", "textseg_width",
+                "textseg_depth", "textseg_heads", "textseg_decoder", "clipseg_patch", "clipseg_proj_dim", "vilt_patch"):
         checks.append((key, getattr(cfg, key) > 0, "must be > 0"))
     for key, ok, why in checks:
         if not ok:
             raise ConfigError(f"config key {key!r} = {getattr(cfg, key)!r} {why}")
     if cfg.vit_width % cfg.vit_heads:
         raise ConfigError(f"config key 'vit_width' = {cfg.vit_width} must be divisible by vit_heads = {cfg.vit_heads}")
+    if cfg.textseg_width % cfg.textseg_heads:
+        raise ConfigError(f"config key 'textseg_width' = {cfg.textseg_width} must be divisible by textseg_heads = "
+                          f"{cfg.textseg_heads}")
     if cfg.image_size % cfg.vit_patch:
         raise ConfigError(f"config key 'image_size' = {cfg.image_size} must be divisible by vit_patch = {cfg.vit_patch}")
 

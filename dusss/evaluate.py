@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 from .config import Config, make_config, upgrade_keys
 from .data import LViTDataset
 from .errors import CheckpointError
+from .methods import get_method
 from .metrics import binarize, dice_of_masks, summarize_scores
-from .unet import build_unet
+from .textseg import build_student, segment
 from .utils import atomic_write_json, get_logger, load_checkpoint, resolve_device
 
 __all__ = ["evaluate_model", "evaluate_checkpoint", "load_student"]
@@ -36,7 +37,8 @@ def evaluate_model(model: nn.Module, dataset: Dataset, *, device: torch.device |
                    batch_size: int = 16, progress: bool = False) -> tuple[dict[str, float], "Any"]:
     """Per-image Dice/IoU of ``model`` (logits out) on ``dataset`` (LViT items): ``(summary, per-image DataFrame)``.
 
-    The model is put in eval mode (and left there). The summary is
+    The model is put in eval mode (and left there); a text-conditioned model
+    (:func:`dusss.textseg.needs_text`) reads each image's own report. The summary is
     :func:`dusss.metrics.summarize_scores` (``dice``, ``miou``, ``dice_std``,
     ``n``); the DataFrame has one row per image: ``name``, ``dice``, ``iou``,
     ``gt_pixels``, ``pred_pixels``.
@@ -47,7 +49,7 @@ def evaluate_model(model: nn.Module, dataset: Dataset, *, device: torch.device |
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
         x, y = batch["image"].to(device), batch["mask"].to(device) > 0.5  # (B, 3, H, W), (B, 1, H, W)
-        pred = binarize(model(x), threshold)  # (B, 1, H, W)
+        pred = binarize(segment(model, x, batch.get("text")), threshold)  # (B, 1, H, W)
         dice, iou = dice_of_masks(pred, y)
         for i, name in enumerate(batch["name"]):
             rows.append({"name": name, "dice": float(dice[i]), "iou": float(iou[i]),
@@ -57,13 +59,17 @@ def evaluate_model(model: nn.Module, dataset: Dataset, *, device: torch.device |
 
 
 def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Config, dict]:
-    """Rebuild the student U-Net saved in ``best.pt`` / ``last.pt``: ``(model in eval mode, its Config, checkpoint)``."""
+    """Rebuild the student saved in ``best.pt`` / ``last.pt``: ``(model in eval mode, its Config, checkpoint)``.
+
+    The architecture is the one the run's method trains (its ``student``
+    attribute: the U-Net, or a text-conditioned segmenter of :mod:`dusss.textseg`).
+    """
     ckpt = load_checkpoint(path, map_location="cpu")
     if not isinstance(ckpt, dict) or "student" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} is not an ssmis checkpoint (no 'student'/'config'); use the best.pt or "
                               "last.pt that `python -m dusss ssmis` writes")
     cfg = _config_from_dict(ckpt["config"])
-    model = build_unet(cfg)
+    model = build_student(cfg, getattr(get_method(cfg.method), "student", "unet"))
     model.load_state_dict(ckpt["student"])
     return model.to(device).eval(), cfg, ckpt
 

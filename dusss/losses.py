@@ -2,7 +2,8 @@
 
 Step 1 (VLM pre-training): :class:`SSSInfoNCE` (Eqs. 5-7),
 :class:`DualContrastiveLoss` (Eqs. 8-9, CMC + IMC = DCL), :class:`TextGuidedLoss`
-(Eq. 11) with :func:`mask_pool`. Step 2 (semi-supervised segmentation):
+(Eq. 11) with :func:`mask_pool`; the alternative Step-1 objective of Table 1's MGCA row,
+:class:`MGCALoss` (instance, token and prototype alignment, Wang et al. 2022). Step 2 (semi-supervised segmentation):
 :class:`SupervisedSegLoss` (Eq. 14), :func:`merged_target` and
 :class:`TextGuidedSemiLoss` (Eqs. 15-17), :func:`ema_update` (Eq. 12),
 :func:`sigmoid_rampup` (not in the paper).
@@ -38,6 +39,8 @@ __all__ = [
     "Embedding", "info_nce", "SSSInfoNCE", "DualContrastiveLoss", "LearnableTemperature",
     "TextGuidedLoss", "mask_pool", "SupervisedSegLoss", "merged_target", "TextGuidedSemiLoss",
     "ema_update", "sigmoid_rampup", "consistency_loss", "CONSISTENCY_FORMS", "MAX_LOGIT_SCALE", "gather_embedding",
+    "MGCAFeatures", "MGCALoss", "sinkhorn_knopp", "cross_attend", "clipped_token_weights", "token_alignment_nce",
+    "prototype_alignment",
 ]
 
 MAX_LOGIT_SCALE = 100.0  # 1/τ <= 100, i.e. τ >= 0.01 (CLIP's clamp)
@@ -441,3 +444,167 @@ def sigmoid_rampup(current: float, length: float) -> float:
         return 1.0
     t = min(max(current / length, 0.0), 1.0)
     return float(math.exp(-5.0 * (1.0 - t) ** 2))
+
+
+# ---------------------------------------------------------------- MGCA (Wang et al. 2022), a Step-1 alternative
+class MGCAFeatures(NamedTuple):
+    """What MGCA's token- and prototype-level terms read from one forward pass (:meth:`dusss.vlm.DuSSSVLM.forward`
+    with ``local=True``).
+
+    ``patches`` ``(B, P, E)`` and ``words`` ``(B, N, E)``: unit local embeddings of the image's patch tokens and of
+    the report's words; ``word_mask`` ``(B, N)`` True for real words (False = padding); ``patch_attn`` ``(B, P)``
+    and ``word_attn`` ``(B, N)``: the last layer's head-mean attention of [CLS] on each token (MGCA's token
+    weights, before clipping); ``proto_image`` / ``proto_text`` ``(B, K)``: scores of the global embeddings on
+    the K unit prototypes.
+    """
+
+    patches: Tensor
+    patch_attn: Tensor
+    words: Tensor
+    word_mask: Tensor
+    word_attn: Tensor
+    proto_image: Tensor
+    proto_text: Tensor
+
+
+@torch.no_grad()
+def sinkhorn_knopp(scores: Tensor, eps: float = 0.05, iters: int = 3) -> Tensor:
+    """MGCA's (SwAV's) equal-partition cluster assignment of ``scores`` ``(B, K)`` -> codes ``(B, K)``, no gradient.
+
+    ``Q = exp(scores / eps)ᵀ`` (K, B) is rescaled ``iters`` times so its rows (prototypes) sum to ``1/K`` and
+    its columns (samples) to ``1/B``, i.e. towards uniform marginals over the prototypes; each sample's column
+    is then normalised into a distribution over the prototypes (rows of the result sum to 1). Subtracting the
+    global maximum first changes nothing after the normalisation and keeps ``exp`` finite.
+    """
+    q = torch.exp((scores.float() - scores.float().max()) / eps).T  # (K, B)
+    q = q / q.sum()
+    k, b = q.shape
+    tiny = torch.finfo(q.dtype).tiny
+    for _ in range(iters):
+        q = q / (q.sum(1, keepdim=True).clamp_min(tiny) * k)  # every prototype gets mass 1/K
+        q = q / (q.sum(0, keepdim=True).clamp_min(tiny) * b)  # every sample gets mass 1/B
+    return (q / q.sum(0, keepdim=True).clamp_min(tiny)).T  # (B, K)
+
+
+def cross_attend(query: Tensor, keys: Tensor, key_mask: Tensor | None = None, tau: float = 0.1) -> Tensor:
+    """MGCA's parameter-free cross-attention: each query token's attended representation from the other modality.
+
+    ``softmax_j(q_i · k_j / tau) k_j`` summed over the keys ``j`` (masked keys, ``key_mask`` False, get no
+    weight), L2-normalised: ``query`` ``(B, Nq, E)``, ``keys`` ``(B, Nk, E)`` -> ``(B, Nq, E)``. Words attend
+    over patches (the word-to-patch direction) and patches over words.
+    """
+    sim = query @ keys.transpose(1, 2) / tau  # (B, Nq, Nk)
+    if key_mask is not None:
+        sim = sim.masked_fill(~key_mask[:, None, :], torch.finfo(sim.dtype).min)
+    return F.normalize(torch.softmax(sim, dim=-1) @ keys, dim=-1)  # (B, Nq, E)
+
+
+@torch.no_grad()
+def clipped_token_weights(attn: Tensor, mask: Tensor | None = None, low: float = 0.1, high: float = 0.9) -> Tensor:
+    """MGCA's token weights: [CLS] attention ``(B, N)`` clipped per sample to its 10th-90th percentile of the valid
+    tokens (``mask`` True), zero on the others, normalised to sum 1 over each sample. No gradient."""
+    attn = attn.float()
+    valid = torch.ones_like(attn, dtype=torch.bool) if mask is None else mask.bool()
+    x = attn.masked_fill(~valid, float("nan"))
+    lo, hi = torch.nanquantile(x, low, dim=1, keepdim=True), torch.nanquantile(x, high, dim=1, keepdim=True)
+    w = torch.where(valid, torch.minimum(torch.maximum(attn, lo), hi), torch.zeros_like(attn))  # (B, N)
+    w = torch.nan_to_num(w)  # a sample without valid tokens
+    return w / w.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def token_alignment_nce(tokens: Tensor, attended: Tensor, weights: Tensor, tau: float = 0.1,
+                        mask: Tensor | None = None) -> Tensor:
+    """MGCA's local InfoNCE of each token with its own cross-modal attended representation, within one sample.
+
+    ``sim[b, i, j] = tokens[b, i] · attended[b, j] / tau`` ``(B, N, N)``; the positive of token ``i`` is
+    ``attended[b, i]``, the negatives the attended representations of the sample's other (valid) tokens, in
+    both directions (rows and columns), each cross-entropy weighted by ``weights`` ``(B, N)`` (summing to 1
+    per sample) and summed, over the batch averaged: ``(L_row + L_col) / 2``. Padding (``mask`` False) is
+    neither an anchor nor a negative.
+    """
+    b, n, _ = tokens.shape
+    sim = tokens @ attended.transpose(1, 2) / tau  # (B, N, N)
+    valid = torch.ones(b, n, dtype=torch.bool, device=tokens.device) if mask is None else mask.bool()
+    neg = torch.finfo(sim.dtype).min
+    rows = sim.masked_fill(~valid[:, None, :], neg)  # token i against the attended j of valid tokens
+    cols = sim.masked_fill(~valid[:, :, None], neg)  # attended j against valid tokens i
+    target = torch.arange(n, device=tokens.device).repeat(b)  # (B*N,)
+    ce_row = F.cross_entropy(rows.reshape(b * n, n), target, reduction="none").view(b, n)
+    ce_col = F.cross_entropy(cols.transpose(1, 2).reshape(b * n, n), target, reduction="none").view(b, n)
+    w = torch.where(valid, weights, torch.zeros_like(weights))
+    zero = torch.zeros_like(ce_row)
+    loss_row = torch.where(valid, ce_row * w, zero).sum() / b
+    loss_col = torch.where(valid, ce_col * w, zero).sum() / b
+    return 0.5 * (loss_row + loss_col)
+
+
+def prototype_alignment(proto_image: Tensor, proto_text: Tensor, tau: float = 0.2, eps: float = 0.05,
+                        iters: int = 3) -> Tensor:
+    """MGCA's cross-modal prototype term: swapped prediction of Sinkhorn codes over K prototypes.
+
+    Codes ``q = sinkhorn_knopp(scores)`` (no gradient) of each modality are the targets of the other
+    modality's ``softmax(scores / tau)``: ``½[CE(q_image, p_text) + CE(q_text, p_image)]``, averaged over the
+    batch. ``proto_*`` are ``(B, K)`` scores of the unit global embeddings on the unit prototypes.
+    """
+    q_img, q_txt = sinkhorn_knopp(proto_image, eps, iters), sinkhorn_knopp(proto_text, eps, iters)  # (B, K)
+    logp_img = F.log_softmax(proto_image / tau, dim=1)  # (B, K)
+    logp_txt = F.log_softmax(proto_text / tau, dim=1)
+    return 0.5 * (-(q_img * logp_txt).sum(1).mean() - (q_txt * logp_img).sum(1).mean())
+
+
+class MGCALoss(nn.Module):
+    """MGCA's Step-1 objective (Wang et al. 2022): ``w_instance·L_ita + w_token·(L_word + L_patch) + w_proto·L_proto``.
+
+    - instance level ``L_ita``: image-report InfoNCE on the unit global embeddings ``s`` at a fixed
+      temperature, image->text plus text->image (summed, as MGCA), ``positive_mask`` marking identical
+      reports as positives (the project's ``same_text_positive``; MGCA has one positive);
+    - token level: words attend over the patches and patches over the words (:func:`cross_attend`), and
+      each token is contrasted with its attended representation (:func:`token_alignment_nce`), weighted by
+      the clipped [CLS] attention (:func:`clipped_token_weights`); ``L_token = L_word + L_patch``;
+    - prototype level ``L_proto``: :func:`prototype_alignment`.
+
+    Defaults are those MGCA's released training script runs with (lambda_1..3 = 1 from its command line, which
+    overrides the 1 / 0.7 / 0.5 of its module's signature; temperatures 0.07 / 0.1 / 0.2; Sinkhorn epsilon 0.05
+    with 3 iterations; 500 prototypes); none is the DuSSS paper's, which names MGCA only as a Table-1 row.
+    With ``gather=True`` the instance term scores the global batch; the token term is within each sample and
+    the Sinkhorn codes are computed per rank (MGCA all-reduces them: a simplification under ``torchrun``).
+    """
+
+    def __init__(self, *, w_instance: float = 1.0, w_token: float = 1.0, w_proto: float = 1.0,
+                 tau_instance: float = 0.07, tau_token: float = 0.1, tau_proto: float = 0.2,
+                 sinkhorn_eps: float = 0.05, sinkhorn_iters: int = 3, gather: bool = False) -> None:
+        super().__init__()
+        self.w_instance, self.w_token, self.w_proto = w_instance, w_token, w_proto
+        self.tau_instance, self.tau_token, self.tau_proto = tau_instance, tau_token, tau_proto
+        self.sinkhorn_eps, self.sinkhorn_iters = sinkhorn_eps, sinkhorn_iters
+        self.gather = gather
+
+    @classmethod
+    def from_config(cls, cfg, *, gather: bool = False) -> "MGCALoss":
+        """Build from a :class:`dusss.config.Config` (its ``mgca_*`` keys)."""
+        return cls(w_instance=cfg.mgca_w_instance, w_token=cfg.mgca_w_token, w_proto=cfg.mgca_w_proto,
+                   tau_instance=cfg.mgca_tau_instance, tau_token=cfg.mgca_tau_token, tau_proto=cfg.mgca_tau_proto,
+                   sinkhorn_eps=cfg.mgca_sinkhorn_eps, sinkhorn_iters=cfg.mgca_sinkhorn_iters, gather=gather)
+
+    def forward(self, image: Embedding, text: Embedding, local: MGCAFeatures,
+                positive_mask: Tensor | None = None) -> dict[str, Tensor]:
+        """``{"loss", "instance", "token", "token_word", "token_patch", "proto"}`` (unweighted terms, weighted sum)."""
+        img_s, txt_s = image.s, text.s  # (B, E)
+        if self.gather:
+            n_local = img_s.shape[0]
+            img_s, txt_s = gather_with_grad(img_s), gather_with_grad(txt_s)
+            _check_global_mask(positive_mask, img_s.shape[0], n_local)
+        i2t, t2i = info_nce(img_s @ txt_s.T / self.tau_instance, positive_mask)
+        instance = i2t + t2i
+        word_att = cross_attend(local.words, local.patches, None, self.tau_token)  # (B, N, E)
+        patch_att = cross_attend(local.patches, local.words, local.word_mask, self.tau_token)  # (B, P, E)
+        word_w = clipped_token_weights(local.word_attn, local.word_mask)  # (B, N)
+        patch_w = clipped_token_weights(local.patch_attn)  # (B, P)
+        token_word = token_alignment_nce(local.words, word_att, word_w, self.tau_token, local.word_mask)
+        token_patch = token_alignment_nce(local.patches, patch_att, patch_w, self.tau_token)
+        token = token_word + token_patch
+        proto = prototype_alignment(local.proto_image, local.proto_text, self.tau_proto, self.sinkhorn_eps,
+                                    self.sinkhorn_iters)
+        loss = self.w_instance * instance + self.w_token * token + self.w_proto * proto
+        return {"loss": loss, "instance": instance, "token": token, "token_word": token_word,
+                "token_patch": token_patch, "proto": proto}

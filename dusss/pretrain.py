@@ -7,6 +7,9 @@ the text-guided loss ``L_tg`` (Eq. 11) -- plus one documented extension,
 truth of the *labelled* training images only (exactly
 ``dusss.data.split_labelled(train_names, cfg.ratio, cfg.resolved_data_seed())[0]``, the images
 Step 2 treats as labelled), so Step 2's unlabelled images stay unlabelled.
+``step1_objective="mgca"`` replaces SSS/CMC/IMC by MGCA's instance-, token- and
+prototype-level alignment (:class:`dusss.losses.MGCALoss`, Table 1's MGCA row);
+``L_tg`` and ``ground_sup`` keep training the grounding decoder Step 2 reads.
 
 Second views for IMC: the image gets a photometric jitter (brightness,
 contrast, gamma, noise: no geometry, so the report stays true and the mask
@@ -38,7 +41,7 @@ from tqdm.auto import tqdm
 from .config import Config, ConfigError, resume_differences
 from .data import default_augment, open_split, paraphrase, parse_qata, split_for
 from .data.prepare import ensure_dataset, resolve_dataset
-from .losses import DualContrastiveLoss, SupervisedSegLoss, TextGuidedLoss, mask_pool
+from .losses import DualContrastiveLoss, MGCALoss, SupervisedSegLoss, TextGuidedLoss, mask_pool
 from .metrics import dice_iou_per_image, dice_of_masks
 from .runs import pretrain_dir
 from .utils import (atomic_torch_save, atomic_write_json, atomic_write_text, autocast, get_logger, load_checkpoint,
@@ -242,15 +245,26 @@ def _all_masks_texts(dataset) -> tuple[torch.Tensor, list[str]]:
 
 # ---------------------------------------------------------------- training
 class _Objective(nn.Module):
-    """The Step-1 loss terms under their switches, holding the learnable temperatures."""
+    """The Step-1 loss terms under their switches, holding the learnable temperatures.
+
+    ``cfg.step1_objective`` picks the alignment terms: ``"dusss"`` = DCL with SSS under the ``use_*`` switches,
+    ``"mgca"`` = :class:`dusss.losses.MGCALoss` (the config refuses it beside SSS/CMC/IMC); ``L_tg`` and the
+    ``ground_sup`` extension follow their switches under either.
+    """
 
     def __init__(self, cfg: Config, *, gather: bool = False) -> None:
         super().__init__()
         self.cfg, self.gather = cfg, gather
         # gather: under torchrun the contrastive terms score the global batch (negatives from every rank)
         self.dcl = DualContrastiveLoss.from_config(cfg, gather=gather) if (cfg.use_cmc or cfg.use_imc) else None
+        self.mgca = MGCALoss.from_config(cfg, gather=gather) if cfg.step1_objective == "mgca" else None
         self.tg = TextGuidedLoss(tau_init=cfg.tau_init, gather=gather) if cfg.use_tg else None
         self.sup = SupervisedSegLoss()
+
+    def after_backward(self, model: DuSSSVLM, epoch: int) -> None:
+        """MGCA keeps its prototypes fixed for the first ``mgca_freeze_proto_epochs`` epochs (their gradient dropped)."""
+        if self.mgca is not None and epoch < self.cfg.mgca_freeze_proto_epochs:
+            model.prototypes.weight.grad = None
 
     def forward(self, model: DuSSSVLM, images: torch.Tensor, texts: list[str], texts2: list[str],
                 masks: torch.Tensor, labelled: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -258,8 +272,11 @@ class _Objective(nn.Module):
         cfg = self.cfg
         ground = cfg.use_tg or (cfg.ground_sup and bool(labelled.any()))
         img2 = txt2 = None
+        local = self.mgca is not None
+        if local:
+            model.normalize_prototypes()
         with autocast(cfg.amp, images.device):  # the encoders under bf16 autocast where cfg.amp enables it
-            out = model(images, texts, ground=ground)
+            out = model(images, texts, ground=ground, local=local)
             if self.dcl is not None and cfg.use_imc:
                 img2, _ = model.encode_image(photometric_view(images, generator), ground=False)
                 txt2, _ = model.encode_text(texts2)
@@ -283,6 +300,10 @@ class _Objective(nn.Module):
             loss = loss + dcl["loss"]
             terms.update({k: dcl[k] for k in ("cmc", "imc", "imc_image", "imc_text")})
             terms["tau"] = dcl["tau"]
+        if self.mgca is not None:
+            mgca = self.mgca(out.image, out.text, out.local, positive_mask=pos)
+            loss = loss + mgca["loss"]
+            terms.update({f"mgca_{k}": v for k, v in mgca.items() if k != "loss"})
         if self.tg is not None:
             weights = torch.sigmoid(F.interpolate(out.mask_logits, size=out.pixel.shape[-2:], mode="bilinear",
                                                   align_corners=False))  # (B, 1, h', w')
@@ -452,6 +473,7 @@ def _pretrain(cfg: Config, info: DistInfo, *, progress: bool) -> dict[str, float
             terms = train_step(batch["image"].to(device), texts, texts2, batch["mask"].to(device), labelled, aug_g)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
+            objective.after_backward(model, epoch)
             torch.nn.utils.clip_grad_norm_(params, 5.0)
             optimizer.step()
             for key, value in terms.items():
@@ -477,7 +499,7 @@ def _pretrain(cfg: Config, info: DistInfo, *, progress: bool) -> dict[str, float
                                  "n_train": len(train), "seconds_this_call": time.perf_counter() - t_start}
     metrics.update({f"val_{k}": v for k, v in evaluate_vlm(model, val_loader, refs, cfg).items()})
     metrics.update({f"test_{k}": v for k, v in evaluate_vlm(model, test_loader, refs, cfg).items()})
-    for key in ("loss", "cmc", "imc", "tg", "ground_sup"):
+    for key in ("loss", "cmc", "imc", "tg", "ground_sup", "mgca_instance", "mgca_token", "mgca_proto"):
         if history and key in history[0]:
             metrics[f"first_{key}"], metrics[f"last_{key}"] = history[0][key], history[-1][key]
     if is_main_process():

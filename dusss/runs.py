@@ -10,7 +10,8 @@ its folders from it (:mod:`dusss.pretrain`, :mod:`dusss.ssmis`):
   config is :func:`pretrain_config`; :func:`default_vlm_checkpoint` is its
   ``vlm.pt``.
 - **VLM variants.** A Step-1 run is named by its loss switches
-  (:func:`vlm_variant`, e.g. ``sss1-cmc1-imc1-tg1``) in :func:`pretrain_dir`.
+  (:func:`vlm_variant`, e.g. ``sss1-cmc1-imc1-tg1``), or by its objective when that
+  is not DuSSS's (``mgca-tg0``), in :func:`pretrain_dir`.
 - **Rows.** :data:`ROWS` are the rows of Tables 1 and 2 (a method of
   :mod:`dusss.methods` plus, for text-guided rows, the VLM switches);
   :func:`run_name` names one run of a row (``<method>[-<variant>]-r<ratio>-s<seed>``),
@@ -30,8 +31,8 @@ from .config import Config, ConfigError, make_config
 from .methods import get_method
 from .paths import results_dir, runs_dir
 
-__all__ = ["PRETRAIN_RATIO", "pretrain_ratio", "pretrain_config", "VLM_SWITCHES", "vlm_variant", "pretrain_dir",
-           "default_vlm_checkpoint", "ssmis_dir", "RowSpec", "ROWS", "TABLE1_ROWS", "TABLE2_ROWS", "row_spec",
+__all__ = ["PRETRAIN_RATIO", "pretrain_ratio", "pretrain_config", "VLM_SWITCHES", "VLM_OBJECTIVE", "vlm_variant",
+           "pretrain_dir", "default_vlm_checkpoint", "ssmis_dir", "RowSpec", "ROWS", "TABLE1_ROWS", "TABLE2_ROWS", "row_spec",
            "run_name", "run_file", "needs_vlm", "run_config"]
 
 # ---------------------------------------------------------------- Step 1: which VLM a run reads
@@ -56,12 +57,19 @@ def pretrain_config(cfg: Config) -> Config:
 
 
 VLM_SWITCHES = ("use_sss", "use_cmc", "use_imc", "use_tg")  # the Step-1 loss switches a VLM variant is named by
+VLM_OBJECTIVE = "step1_objective"  # ... and the Step-1 objective (dusss.config.STEP1_OBJECTIVES); "dusss" if omitted
 
 
-def vlm_variant(switches: Config | Mapping[str, bool]) -> str:
-    """Short name of the Step-1 loss switches of a config or a ``{switch: bool}`` mapping (every key of
-    :data:`VLM_SWITCHES`), e.g. ``sss1-cmc1-imc1-tg1`` (DuSSS) or ``sss0-cmc1-imc0-tg0`` (CLIP-style)."""
-    s = {k: getattr(switches, k) for k in VLM_SWITCHES} if isinstance(switches, Config) else switches
+def vlm_variant(switches: Config | Mapping[str, Any]) -> str:
+    """Short name of the Step-1 loss of a config or a mapping (every key of :data:`VLM_SWITCHES`, and
+    :data:`VLM_OBJECTIVE` unless it is ``"dusss"``), e.g. ``sss1-cmc1-imc1-tg1`` (DuSSS), ``sss0-cmc1-imc0-tg0``
+    (CLIP-style) or ``mgca-tg0`` (MGCA's objective, which runs with SSS/CMC/IMC off, so only ``L_tg`` is named):
+    a VLM of another objective never shares a folder with a DuSSS one."""
+    keys = VLM_SWITCHES + (VLM_OBJECTIVE,)
+    s = {k: getattr(switches, k) for k in keys} if isinstance(switches, Config) else switches
+    objective = s.get(VLM_OBJECTIVE, "dusss")
+    if objective != "dusss":
+        return f"{objective}-tg{int(s['use_tg'])}"
     return f"sss{int(s['use_sss'])}-cmc{int(s['use_cmc'])}-imc{int(s['use_imc'])}-tg{int(s['use_tg'])}"
 
 
@@ -109,7 +117,7 @@ class RowSpec:
 
     label: str
     method: str | None
-    switches: Mapping[str, bool] = field(default_factory=dict)
+    switches: Mapping[str, Any] = field(default_factory=dict)
     ratio: float | None = None
     paper1: str | None = None
     paper2: tuple[int, int, int] | None = None
@@ -119,8 +127,15 @@ def _vlm(sss: bool, imc: bool, tg: bool) -> dict[str, bool]:
     return {"use_sss": sss, "use_cmc": True, "use_imc": imc, "use_tg": tg}
 
 
+def _mgca(tg: bool) -> dict[str, Any]:
+    """A VLM pre-trained with MGCA's objective (``step1_objective="mgca"``) in place of SSS/CMC/IMC."""
+    return {"step1_objective": "mgca", "use_sss": False, "use_cmc": False, "use_imc": False, "use_tg": tg}
+
+
 ROWS: dict[str, RowSpec] = {
     "unet100": RowSpec("U-Net, 100 % labels", "supervised", ratio=1.0, paper1="U-Net"),
+    "clipseg": RowSpec("CLIP (CLIPSeg, reads the report), 100 % labels", "clipseg", ratio=1.0, paper1="CLIP"),
+    "vilt": RowSpec("ViLT (reads the report), 100 % labels", "vilt", ratio=1.0, paper1="ViLT"),
     "unet": RowSpec("U-Net, labelled part only", "supervised"),
     "mt": RowSpec("Mean Teacher", "mt", paper1="MT", paper2=(0, 0, 0)),
     "bcp": RowSpec("BCP", "bcp", paper1="BCP"),
@@ -129,6 +144,7 @@ ROWS: dict[str, RowSpec] = {
     "mcnet": RowSpec("MC-Net", "mcnet", paper1="MC-Net"),
     "ssnet": RowSpec("SS-Net (simplified)", "ssnet", paper1="SS-Net"),
     "clip": RowSpec("CLIP-style VLM + text-guided SSMIS", "dusss", _vlm(False, False, False)),
+    "mgca": RowSpec("MGCA-pretrained VLM + text-guided SSMIS", "dusss", _mgca(False), paper1="MGCA"),
     "sss": RowSpec("SSS", "dusss", _vlm(True, False, False), paper2=(1, 0, 0)),
     "dcl": RowSpec("DCL", "dusss", _vlm(False, True, False), paper2=(0, 1, 0)),
     "sss+tg": RowSpec("SSS + L_tg", "dusss", _vlm(True, False, True), paper2=(1, 0, 1)),
@@ -136,7 +152,7 @@ ROWS: dict[str, RowSpec] = {
     "sss+dcl": RowSpec("SSS + DCL", "dusss", _vlm(True, True, False), paper2=(1, 1, 0)),
     "dusss": RowSpec("DuSSS (SSS + DCL + L_tg)", "dusss", _vlm(True, True, True), paper1="DuSSS", paper2=(1, 1, 1)),
 }
-TABLE1_ROWS = ("unet100", "unet", "mt", "bcp", "ucmt", "cct", "mcnet", "ssnet", "clip", "dusss")
+TABLE1_ROWS = ("unet100", "clipseg", "vilt", "unet", "mt", "bcp", "ucmt", "cct", "mcnet", "ssnet", "clip", "mgca", "dusss")
 TABLE2_ROWS = ("mt", "sss", "dcl", "sss+tg", "dcl+tg", "sss+dcl", "dusss")
 
 

@@ -68,6 +68,7 @@ from .losses import ema_update
 from .methods import METHODS, Method, Models, StepBatch, get_method, optimizer_groups
 from .metrics import binarize, dice_of_masks
 from .runs import default_vlm_checkpoint, ssmis_dir
+from .textseg import build_student, needs_text, segment
 from .unet import build_unet, count_parameters
 from .utils import atomic_write_json, autocast, get_logger, load_checkpoint, repo_root, resolve_device, seed_everything
 from .vlm import load_vlm
@@ -452,7 +453,8 @@ def _train_ssmis(cfg: Config, method_cls: type[Method], info: DistInfo, *, progr
     data_seconds = time.time() - t_data
 
     # models: the teacher starts as an exact copy of the student (Eq. 12 at step 0)
-    student = build_unet(cfg).to(device)
+    student = build_student(cfg, getattr(method_cls, "student", "unet")).to(device)
+    reads_text = needs_text(student)  # a text-conditioned student: the labelled reports ride with their images
     memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
     student = student.to(memory_format=memory)
     teacher = copy.deepcopy(student).requires_grad_(False).train() if method_cls.uses_teacher else None  # batch-stat BN
@@ -519,7 +521,8 @@ def _train_ssmis(cfg: Config, method_cls: type[Method], info: DistInfo, *, progr
     def next_batch() -> StepBatch:
         idx = lab_stream.next()
         x_l, y_l = lab.batch(idx)
-        x_l, y_l, _, _ = lab_aug(x_l, y_l)
+        texts_l = [lab.texts[i] for i in idx.tolist()] if reads_text else None
+        x_l, y_l, _, texts_l = lab_aug(x_l, y_l, None, texts_l)  # reports rewritten for flips and quarter turns
         x_u = z_text = None
         if unl_stream is not None:
             idx_u = unl_stream.next()
@@ -531,7 +534,7 @@ def _train_ssmis(cfg: Config, method_cls: type[Method], info: DistInfo, *, progr
                 z_text = (maps if maps is not None else guidance.logits(x_u, texts)).to(device)  # (Bu, 1, H, W)
             x_u = x_u.to(device).contiguous(memory_format=memory)
         return StepBatch(x_l.to(device).contiguous(memory_format=memory), y_l.to(device), x_u, z_text, global_step,
-                         total_steps, global_step / steps)
+                         total_steps, global_step / steps, texts_l)
 
     bar = tqdm(total=cfg.epochs, initial=epoch, desc=f"ssmis {cfg.method} r{cfg.ratio:g}", disable=not progress)
     step_seconds = 0.0 if state is None else float(state.get("step_seconds", 0.0))
@@ -653,7 +656,8 @@ def pseudo_label_examples(cfg: Config, n: int = 4, *, checkpoint: str = "best.pt
     result: dict[str, Any] = {
         "names": names, "image": x.permute(0, 2, 3, 1).cpu().numpy(),
         "gt": torch.stack([it["mask"] for it in items])[:, 0].numpy(),
-        "prediction": torch.sigmoid(student(x))[:, 0].cpu().numpy(), "teacher": None, "text": None, "merged": None,
+        "prediction": torch.sigmoid(segment(student, x, [it["text"] for it in items]))[:, 0].cpu().numpy(),
+        "teacher": None, "text": None, "merged": None,
     }
     if ckpt.get("teacher"):
         teacher = build_unet(run_cfg).to(device).train()  # batch statistics, as in training

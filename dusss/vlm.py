@@ -23,6 +23,11 @@ One module holds the whole VLM (Fig. 3, Step 1):
   is ``sigmoid(scale * cos(t_f, v_f) + bias)`` with its **own** report's ``t_f``.
   The learnable scale and bias are a deviation: a bare dot product of unit
   vectors spans only [-1, 1], so its sigmoid could never be a confident mask.
+- **MGCA heads** (only with ``step1_objective="mgca"``, Table 1's MGCA row): local
+  projections of the patch tokens and of the report's words and K unit prototypes;
+  ``forward(..., local=True)`` adds them to the output as
+  :class:`dusss.losses.MGCAFeatures`, with the [CLS] attention of the last layer of
+  each encoder (both then run eager attention, which returns attention weights).
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ from torch import nn
 
 from .config import Config, make_config
 from .errors import CheckpointError
-from .losses import Embedding
+from .losses import Embedding, MGCAFeatures
 from .utils import get_logger, load_checkpoint
 
 __all__ = [
@@ -79,20 +84,25 @@ class TextEncoder(nn.Module):
     ``forward(texts)`` returns ``(B, H)`` pooled features on the module's device.
     When ``frozen`` the transformer never trains, so each distinct string is
     encoded once (in its own small batch) and its pooled vector cached; training
-    then costs nothing on the text side beyond the trainable heads.
+    then costs nothing on the text side beyond the trainable heads. With
+    ``attentions`` (eager attention), :meth:`words` also gives the per-word
+    states and [CLS] attention MGCA's token-level term reads (cached alike).
     """
 
-    def __init__(self, name: str, max_len: int, frozen: bool) -> None:
+    def __init__(self, name: str, max_len: int, frozen: bool, *, attentions: bool = False) -> None:
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
         source = resolve_text_model(name)
         self.tokenizer = AutoTokenizer.from_pretrained(source)
-        self.backbone = AutoModel.from_pretrained(source)
+        # sdpa attention returns no attention weights; eager computes the same attention and does
+        self.backbone = AutoModel.from_pretrained(source, **({"attn_implementation": "eager"} if attentions else {}))
         self.max_len = max_len
         self.frozen = frozen
+        self.attentions = attentions
         self.hidden_size = int(self.backbone.config.hidden_size)
         self._cache: dict[str, torch.Tensor] = {}
+        self._word_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if frozen:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
@@ -132,6 +142,59 @@ class TextEncoder(nn.Module):
         device = next(self.backbone.parameters()).device
         return torch.stack([self._cache[t] for t in texts]).to(device)  # (B, H)
 
+    def _word_index(self, batch, i: int, special: torch.Tensor) -> list[int]:
+        """Word number of each token of sequence ``i`` (-1: [CLS], [SEP], padding); word pieces share one."""
+        if self.tokenizer.is_fast:
+            return [-1 if w is None else w for w in batch.word_ids(i)]
+        order = torch.cumsum(~special.bool(), 0) - 1  # slow tokenizers: every ordinary token is its own word
+        return [-1 if sp else int(k) for sp, k in zip(special.tolist(), order.tolist())]
+
+    def _encode_words(self, texts: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per text: word states ``(n, H)`` and the [CLS] attention ``(n,)`` on each word (MGCA's aggregation:
+        the last layer's states and head-mean [CLS] attention summed over a word's pieces)."""
+        if not self.attentions:
+            raise RuntimeError("this TextEncoder was built without attentions=True (eager attention); word "
+                               "features are only made for step1_objective='mgca'")
+        device = next(self.backbone.parameters()).device
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_len,
+                               return_tensors="pt", return_special_tokens_mask=True)
+        special = batch.pop("special_tokens_mask")  # (B, L)
+        index = [self._word_index(batch, i, special[i]) for i in range(len(texts))]
+        out = self.backbone(**batch.to(device), output_attentions=True)
+        hidden = out.last_hidden_state  # (B, L, H)
+        cls_attn = out.attentions[-1][:, :, 0, :].mean(1)  # (B, L): [CLS] row, mean over heads
+        words = []
+        for i, idx in enumerate(index):
+            idx = torch.tensor(idx, device=device)  # (L,)
+            keep = idx >= 0
+            n = int(idx.max()) + 1 if bool(keep.any()) else 0
+            states = hidden.new_zeros(n, hidden.shape[-1]).index_add(0, idx[keep], hidden[i][keep])  # (n, H)
+            attn = cls_attn.new_zeros(n).index_add(0, idx[keep], cls_attn[i][keep])  # (n,)
+            words.append((states, attn))
+        return words
+
+    def words(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Word states ``(B, N, H)``, a mask ``(B, N)`` (True = a word, False = padding) and the [CLS] attention
+        ``(B, N)`` of each word (0 on padding) of ``texts``; from a per-report cache when frozen."""
+        device = next(self.backbone.parameters()).device
+        if self.frozen:
+            new = sorted({t for t in texts if t not in self._word_cache})
+            with torch.no_grad():
+                for i in range(0, len(new), 64):
+                    chunk = new[i:i + 64]
+                    for text, (states, attn) in zip(chunk, self._encode_words(chunk)):
+                        self._word_cache[text] = (states.float().cpu(), attn.float().cpu())
+            items = [self._word_cache[t] for t in texts]
+        else:
+            items = self._encode_words(texts)
+        n = max(1, max(len(a) for _, a in items))
+        states = torch.zeros(len(items), n, self.hidden_size, device=device, dtype=items[0][0].dtype)
+        attn = torch.zeros(len(items), n, device=device, dtype=items[0][1].dtype)
+        mask = torch.zeros(len(items), n, device=device, dtype=torch.bool)
+        for i, (s, a) in enumerate(items):
+            states[i, :len(a)], attn[i, :len(a)], mask[i, :len(a)] = s.to(device), a.to(device), True
+        return states, mask, attn  # (B, N, H), (B, N), (B, N)
+
 
 class _ConvBlock(nn.Sequential):
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int) -> None:
@@ -147,7 +210,8 @@ class ImageEncoder(nn.Module):
     fine to coarse (strides 4, 8, ... ``vit_patch / 2``), empty for the plain ViT.
     """
 
-    def __init__(self, image_size: int, patch: int, width: int, depth: int, heads: int, stem: str) -> None:
+    def __init__(self, image_size: int, patch: int, width: int, depth: int, heads: int, stem: str,
+                 *, attentions: bool = False) -> None:
         super().__init__()
         from transformers import ViTConfig, ViTModel
 
@@ -176,6 +240,7 @@ class ImageEncoder(nn.Module):
             image_size=vit_size, patch_size=vit_patch, num_channels=vit_in, hidden_size=width,
             num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=4 * width,
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            **({"attn_implementation": "eager"} if attentions else {}),  # eager: returns attention weights (MGCA)
         )
         self.vit = ViTModel(config, add_pooling_layer=False)
         # ImageNet-style normalisation of the [0, 1] input, as grey X-rays are 3 equal channels
@@ -184,16 +249,32 @@ class ImageEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Encode ``(B, 3, H, W)`` images in [0, 1]; see the class docstring for the outputs."""
+        return self._run(images, attention=False)[:3]
+
+    def forward_with_attention(self, images: torch.Tensor
+                               ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """:meth:`forward` plus ``(B, h*w)``: the last layer's head-mean attention of [CLS] on each patch token
+        (row-major over the ``h x w`` grid). Needs ``attentions=True`` at construction."""
+        return self._run(images, attention=True)
+
+    def _run(self, images: torch.Tensor, attention: bool):
         x = (images - self.pixel_mean) / self.pixel_std
         skips = []
         for layer in self.stem:
             x = layer(x)
             skips.append(x)  # (B, C_i, H / 2^(i+2), W / 2^(i+2))
-        tokens = self.vit(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state  # (B, 1 + h*w, W)
+        if attention:
+            out = self.vit(pixel_values=x, interpolate_pos_encoding=True, output_attentions=True)
+            if not out.attentions:
+                raise RuntimeError("the ViT returned no attention weights; build ImageEncoder(attentions=True)")
+            cls_attn = out.attentions[-1][:, :, 0, 1:].mean(1)  # (B, h*w)
+        else:
+            out, cls_attn = self.vit(pixel_values=x, interpolate_pos_encoding=True), None
+        tokens = out.last_hidden_state  # (B, 1 + h*w, W)
         b, n, w = tokens.shape
         h = images.shape[-2] // self.patch
         patches = tokens[:, 1:].transpose(1, 2).reshape(b, w, h, (n - 1) // h)  # (B, W, h, w)
-        return tokens[:, 0], patches, skips
+        return tokens[:, 0], patches, skips, cls_attn
 
 
 class _ResBlock(nn.Module):
@@ -253,7 +334,8 @@ class VLMOutput(NamedTuple):
     [CLS] tokens, each ``(B, E)``; ``pixel``: grounding features ``v_f``
     ``(B, G, h', w')``; ``text_g``: grounding text features ``t_f`` ``(B, G)``;
     ``mask_logits``: Eq. 10 logits at the images' size ``(B, 1, H, W)``, or
-    ``None`` when no grounding was asked for.
+    ``None`` when no grounding was asked for; ``local``: MGCA's token and
+    prototype features (:class:`dusss.losses.MGCAFeatures`) with ``local=True``.
     """
 
     image: Embedding
@@ -261,6 +343,7 @@ class VLMOutput(NamedTuple):
     pixel: torch.Tensor | None
     text_g: torch.Tensor | None
     mask_logits: torch.Tensor | None
+    local: MGCAFeatures | None = None
 
 
 class DuSSSVLM(nn.Module):
@@ -273,9 +356,10 @@ class DuSSSVLM(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
         self.cfg = cfg
+        self.mgca = cfg.step1_objective == "mgca"
         self.image_encoder = ImageEncoder(cfg.image_size, cfg.vit_patch, cfg.vit_width, cfg.vit_depth,
-                                          cfg.vit_heads, cfg.vit_stem)
-        self.text_encoder = TextEncoder(cfg.text_model, cfg.text_max_len, cfg.freeze_text)
+                                          cfg.vit_heads, cfg.vit_stem, attentions=self.mgca)
+        self.text_encoder = TextEncoder(cfg.text_model, cfg.text_max_len, cfg.freeze_text, attentions=self.mgca)
         w, h, e, g = cfg.vit_width, self.text_encoder.hidden_size, cfg.embed_dim, cfg.ground_dim
         self.img_proj, self.img_mu, self.img_logsigma = nn.Linear(w, e), nn.Linear(w, e), nn.Linear(w, e)
         # the [CLS] token plus a "where" summary of the patch grid (each patch squeezed to a few
@@ -294,6 +378,11 @@ class DuSSSVLM(nn.Module):
         # Eq. 10 on cosines needs a scale and bias to reach confident logits (see module docstring)
         self.mask_log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.mask_bias = nn.Parameter(torch.tensor(-3.0))
+        if self.mgca:  # built last, so the modules above start as a DuSSS VLM of the same seed does
+            # MGCA's local embeddings of patch tokens and words, and its K prototypes (unit rows)
+            self.patch_local, self.word_local = _mlp(w, e), _mlp(h, e)
+            self.prototypes = nn.Linear(e, cfg.mgca_prototypes, bias=False)
+            self.normalize_prototypes()
 
     @classmethod
     def from_config(cls, cfg: Config) -> "DuSSSVLM":
@@ -315,11 +404,36 @@ class DuSSSVLM(nn.Module):
     def encode_image(self, images: torch.Tensor, *, ground: bool = True
                      ) -> tuple[Embedding, torch.Tensor | None]:
         """SSS embedding of each image and, with ``ground``, its pixel features ``v_f`` ``(B, G, h', w')``."""
-        cls_tok, patches, skips = self.image_encoder(images)
+        return self._encode_image(images, ground=ground, local=False)[:2]
+
+    def _encode_image(self, images: torch.Tensor, *, ground: bool, local: bool):
+        """``(embedding, pixel features or None, patches (B, W, h, w), [CLS] attention (B, h*w) or None)``."""
+        if local:
+            cls_tok, patches, skips, cls_attn = self.image_encoder.forward_with_attention(images)
+        else:
+            (cls_tok, patches, skips), cls_attn = self.image_encoder(images), None
         if self.img_layout is not None:
             cls_tok = cls_tok + self.img_layout(patches)  # (B, W)
         emb = self._embedding(cls_tok, self.img_proj, self.img_mu, self.img_logsigma)
-        return emb, (self.decoder(patches, skips) if ground else None)
+        return emb, (self.decoder(patches, skips) if ground else None), patches, cls_attn
+
+    @torch.no_grad()
+    def normalize_prototypes(self) -> None:
+        """Put MGCA's prototypes back on the unit sphere (MGCA does this before every step)."""
+        w = self.prototypes.weight
+        w.copy_(F.normalize(w, dim=1))
+
+    def _mgca_features(self, image: Embedding, text: Embedding, patches: torch.Tensor, patch_attn: torch.Tensor,
+                       texts: Sequence[str]) -> MGCAFeatures:
+        words, word_mask, word_attn = self.text_encoder.words(texts)  # (B, N, H), (B, N), (B, N)
+        patch_tokens = patches.flatten(2).transpose(1, 2)  # (B, h*w, W), row-major like patch_attn
+        return MGCAFeatures(
+            patches=F.normalize(self.patch_local(patch_tokens), dim=-1),  # (B, P, E)
+            patch_attn=patch_attn,
+            words=F.normalize(self.word_local(words), dim=-1),  # (B, N, E)
+            word_mask=word_mask, word_attn=word_attn,
+            proto_image=self.prototypes(image.s), proto_text=self.prototypes(text.s),  # (B, K)
+        )
 
     def mask_logits(self, pixel: torch.Tensor, text_g: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Eq. 10 before the sigmoid: ``scale * cos(t_f, v_f) + bias`` per pixel, resized to ``size``."""
@@ -329,16 +443,22 @@ class DuSSSVLM(nn.Module):
         logits = self.mask_log_scale.exp() * cos + self.mask_bias
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)  # (B, 1, H, W)
 
-    def forward(self, images: torch.Tensor, texts: Sequence[str] | None = None, *, ground: bool = True) -> VLMOutput:
-        """Encode a batch of images (and their own reports); with ``ground`` also the Eq.-10 logits."""
-        image, pixel = self.encode_image(images, ground=ground and texts is not None)
+    def forward(self, images: torch.Tensor, texts: Sequence[str] | None = None, *, ground: bool = True,
+                local: bool = False) -> VLMOutput:
+        """Encode a batch of images (and their own reports); with ``ground`` also the Eq.-10 logits, with
+        ``local`` (an MGCA model, reports given) also MGCA's token and prototype features."""
+        if local and not (self.mgca and texts is not None):
+            raise ValueError("local=True needs a VLM built with step1_objective='mgca' and one report per image")
+        image, pixel, patches, patch_attn = self._encode_image(images, ground=ground and texts is not None,
+                                                               local=local)
         if texts is None:
             return VLMOutput(image, None, None, None, None)
         if len(texts) != images.shape[0]:
             raise ValueError(f"got {images.shape[0]} images but {len(texts)} reports; pass one report per image")
         text, text_g = self.encode_text(texts)
         logits = self.mask_logits(pixel, text_g, images.shape[-2:]) if pixel is not None else None
-        return VLMOutput(image, text, pixel, text_g, logits)
+        feats = self._mgca_features(image, text, patches, patch_attn, texts) if local else None
+        return VLMOutput(image, text, pixel, text_g, logits, feats)
 
     def text_guided_logits(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         """Pre-sigmoid text-guided mask (Eq. 10) of each image for its own report: ``(B, 1, H, W)``.

@@ -14,6 +14,8 @@ NAMES_AT_25_PERCENT_SEED_666 = {
     "unet100": "supervised-r1-s666", "unet": "supervised-r0.25-s666", "mt": "mt-r0.25-s666",
     "bcp": "bcp-r0.25-s666", "ucmt": "ucmt-r0.25-s666", "cct": "cct-r0.25-s666", "mcnet": "mcnet-r0.25-s666",
     "ssnet": "ssnet-r0.25-s666", "clip": "dusss-sss0-cmc1-imc0-tg0-r0.25-s666",
+    "mgca": "dusss-mgca-tg0-r0.25-s666",
+    "clipseg": "clipseg-r1-s666", "vilt": "vilt-r1-s666",
     "sss": "dusss-sss1-cmc1-imc0-tg0-r0.25-s666", "dcl": "dusss-sss0-cmc1-imc1-tg0-r0.25-s666",
     "sss+tg": "dusss-sss1-cmc1-imc0-tg1-r0.25-s666", "dcl+tg": "dusss-sss0-cmc1-imc1-tg1-r0.25-s666",
     "sss+dcl": "dusss-sss1-cmc1-imc1-tg0-r0.25-s666", "dusss": "dusss-sss1-cmc1-imc1-tg1-r0.25-s666",

@@ -193,17 +193,17 @@ def test_a_run_is_not_reused_after_its_vlm_was_retrained(env):
 def test_bf16_autocast_trains_the_unet_in_bf16(env, monkeypatch):
     # amp="bf16" on the CPU takes the path amp="auto" takes on CUDA: bf16 forward passes of the training steps
     # (those with gradients; the no-grad diagnostics and evaluation stay in float32), float32 losses
-    import dusss.ssmis as ssmis_mod
+    from dusss.textseg import STUDENTS
 
     dtypes = []
-    real_build = ssmis_mod.build_unet
+    real_build = STUDENTS["unet"]  # the loop builds its student through this registry
 
     def build_and_watch(cfg):
         model = real_build(cfg)
         model.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype) if torch.is_grad_enabled() else None)
         return model
 
-    monkeypatch.setattr(ssmis_mod, "build_unet", build_and_watch)
+    monkeypatch.setitem(STUDENTS, "unet", build_and_watch)
     metrics = train_ssmis(_cfg(env, "mt-bf16", method="mt", vlm_checkpoint="", amp="bf16", epochs=1), progress=False)
     history = pd.read_csv(env["root"] / "mt-bf16" / "history.csv")
     assert dtypes and set(dtypes) == {torch.bfloat16}

@@ -52,7 +52,7 @@ GRIDS: dict[str, tuple[tuple[str, float], ...]] = {
     "headline": tuple((r, q) for q in SHARES for r in ("unet", "mt", "dusss", "clip")) + (("unet100", 1.0),),
     # Table 1 (the rows implemented here) and Table 2 (the switch combinations at 50 %)
     "table1": tuple((r, q) for q in SHARES for r in TABLE1_ROWS if ROWS[r].ratio is None)
-    + (("unet100", 1.0),),
+    + tuple((r, ROWS[r].ratio) for r in TABLE1_ROWS if ROWS[r].ratio is not None),
     "table2": tuple((r, 0.5) for r in TABLE2_ROWS),
 }
 

@@ -897,7 +897,7 @@ def write_results_page(profile: str = "demo", page: str | Path | None = None, *,
             parts.append(f"**Not measured here.** The paper's Table 1 rows {', '.join(missing)} have no implementation "
                          "in this project: their numbers are only typed from the paper (`dusss/paper_tables.py`), so "
                          "Table 1 is not complete. The CLIP-style row above is DuSSS's Step 2 guided by a VLM "
-                         "pre-trained with plain cross-modal InfoNCE, not the paper's CLIP row.\n")
+                         "pre-trained with plain cross-modal InfoNCE; the paper's CLIP row is the CLIPSeg row.\n")
     figures = [(figures_dir() / f"{tagged(stem, profile)}.png", alt) for stem, alt in PAGE_FIGURES]
     shown = [f"![{alt}]({Path(os.path.relpath(f, page.parent)).as_posix()})" for f, alt in figures if f.is_file()]
     if shown:

@@ -6,7 +6,7 @@ Adding a method is one module here (or anywhere: a package of your own) and one
 
 >>> from dusss.methods import METHODS
 >>> sorted(METHODS)
-['bcp', 'cct', 'dusss', 'mcnet', 'mt', 'ssnet', 'supervised', 'ucmt']
+['bcp', 'cct', 'clipseg', 'dusss', 'mcnet', 'mt', 'ssnet', 'supervised', 'ucmt', 'vilt']
 """
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ from ..config import ConfigError, register_choices
 from .base import Method, Models, StepBatch, StepOutput, method_parameters, optimizer_groups
 from .bcp import BCP
 from .cct import CCT
+from .clipseg import CLIPSeg
 from .dusss import DuSSS
 from .mcnet import MCNet
 from .mean_teacher import MeanTeacher
 from .ssnet import SSNet
 from .supervised import Supervised
 from .ucmt import UCMT
+from .vilt import ViLT
 
 __all__ = ["METHODS", "register", "get_method", "Method", "Models", "StepBatch", "StepOutput", "method_parameters",
            "optimizer_groups"]
@@ -52,5 +54,5 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
-for _cls in (DuSSS, MeanTeacher, Supervised, BCP, UCMT, CCT, MCNet, SSNet):
+for _cls in (DuSSS, MeanTeacher, Supervised, BCP, UCMT, CCT, MCNet, SSNet, CLIPSeg, ViLT):
     register(_cls)

@@ -1,7 +1,8 @@
 """The Step-2 method protocol: what the training loop hands a method each step, and what it gets back.
 
 The loop (:func:`dusss.ssmis.train_ssmis`) owns everything every method
-shares: data streams and their augmentation, the student U-Net and its
+shares: data streams and their augmentation, the student (the U-Net, or the
+architecture a method names in ``student``) and its
 optimiser and learning-rate schedule, the EMA teacher (Eq. 12) for methods that
 declare one, the frozen VLM's text-guided logits for methods that read text,
 validation, pseudo-label diagnostics, checkpoints, resume and early stopping.
@@ -45,6 +46,9 @@ class StepBatch:
     ``uses_text``). ``step`` counts optimiser steps taken before this one,
     ``total_steps`` is the run's budget and ``epoch`` = ``step /
     steps_per_epoch`` as a float (ramp-ups are written in epochs).
+    ``texts_l`` the reports of the labelled images, rewritten for their
+    augmentation (None unless the student reads text: a method whose
+    ``student`` is text-conditioned, :mod:`dusss.textseg`).
     """
 
     x_l: Tensor
@@ -54,6 +58,7 @@ class StepBatch:
     step: int
     total_steps: int
     epoch: float
+    texts_l: list[str] | None = None
 
 
 @dataclass
@@ -70,7 +75,7 @@ class StepOutput:
 
 @dataclass
 class Models:
-    """The networks of the loop: ``student`` (the U-Net that is validated, saved and tested), ``forward``
+    """The networks of the loop: ``student`` (the network that is validated, saved and tested), ``forward``
     (the student, wrapped in DistributedDataParallel under torchrun: call it for gradients) and ``teacher``
     (the EMA copy in train mode, i.e. batch statistics; None unless the method ``uses_teacher``)."""
 
@@ -93,7 +98,11 @@ class Method(Protocol):
     interrupted run resumes exactly. Optional hook (not part of the runtime
     check): ``parameters() -> Iterable[nn.Parameter]``, the parameters of the
     method's own modules that the loop's optimiser trains with the student's
-    (module docstring).
+    (module docstring). Optional attribute: ``student``, the architecture the
+    loop builds, validates, saves and :func:`dusss.evaluate.load_student`
+    rebuilds (a key of :data:`dusss.textseg.STUDENTS`; absent = ``"unet"``);
+    a text-conditioned student is called ``forward(x, texts)`` and the loop
+    fills :attr:`StepBatch.texts_l` for it.
     """
 
     name: ClassVar[str]
