@@ -56,6 +56,7 @@ from ..ssmis import train_ssmis
 from ..stats import paired_difference, t_interval
 from ..unet import build_unet, count_parameters
 from ..utils import atomic_write_json, atomic_write_text, get_logger, repo_root
+from .convergence import read_history
 
 __all__ = ["PAPER_NAMES", "PAPER_ONLY", "run_one", "set_aside_stale", "run_grid", "load_runs", "summarise", "render_tables", "complexity",
            "write_outputs", "plot_tables", "grid_cost", "measured_seconds", "write_results_page", "RESULTS_PAGE",
@@ -80,8 +81,9 @@ def run_one(profile: str, dataset: str, row: str, ratio: float, seed: int, *,
     50 %), then :func:`dusss.ssmis.train_ssmis` trains the segmentation network
     (``rerun`` retrains it from scratch; a finished run folder is otherwise
     reused). The file holds the run's ``metrics.json`` plus ``row``,
-    ``switches``, ``pretrain_seconds`` and ``ssmis_seconds`` (wall time of this
-    call; 0 when reused).
+    ``switches``, ``pretrain_seconds``, ``ssmis_seconds`` (wall time of this
+    call; 0 when reused) and ``history`` (the per-epoch curves,
+    :func:`dusss.experiments.convergence.read_history`).
     """
     spec = row_spec(row)
     if spec.method is None:
@@ -101,7 +103,7 @@ def run_one(profile: str, dataset: str, row: str, ratio: float, seed: int, *,
     t0 = time.perf_counter()
     metrics = train_ssmis(cfg.replace(resume=not rerun), progress=progress)
     result = {**metrics, "row": row, "switches": dict(spec.switches), "pretrain_seconds": pre_s,
-              "ssmis_seconds": time.perf_counter() - t0}
+              "ssmis_seconds": time.perf_counter() - t0, "history": read_history(ssmis_dir(cfg))}
     atomic_write_json(path, result)
     return result
 
