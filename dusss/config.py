@@ -25,7 +25,7 @@ from .utils import atomic_write_text, repo_root
 
 AMP_MODES = ("auto", "bf16", "off")  # Config.amp: bf16 autocast on CUDA only / always / never
 LR_SCHEDULES = ("cosine", "constant")  # Config.lr_schedule (Step 2)
-STEP1_OBJECTIVES = ("dusss", "mgca")  # Config.step1_objective: the Step-1 loss (dusss.pretrain._Objective)
+STEP1_OBJECTIVES = ("dusss", "mgca", "cmitm", "asg")  # Config.step1_objective: the Step-1 loss (dusss.pretrain._Objective)
 _CHOICES: dict[str, Any] = {}  # key -> registry whose names are the valid values (dusss.methods fills "method")
 
 
@@ -152,8 +152,24 @@ class Config:
     mgca_sinkhorn_eps: float = _step1(0.05)  # MGCA: Sinkhorn-Knopp entropy epsilon
     mgca_sinkhorn_iters: int = _step1(3)  # MGCA: Sinkhorn-Knopp iterations
     mgca_freeze_proto_epochs: int = _step1(1)  # MGCA: the prototypes get no update in the first epochs
+    # "cmitm" = CMITM (Chen et al. 2023): contrastive + cross-modal masked image and masked language modelling
+    # (dusss.losses.CMITMLoss); "asg" = ASG (Li et al. 2024): instance + anatomy-region/phrase + tag terms
+    # (dusss.losses.ASGLoss). Both also need SSS/CMC/IMC off; values the sources do not give are marked "ours"
+    cmitm_w_contrast: float = _step1(1.0)  # CMITM: weight of the image-report InfoNCE
+    cmitm_w_mim: float = _step1(1.0)  # CMITM: weight of the cross-modal masked image modelling (MSE, masked patches)
+    cmitm_w_mlm: float = _step1(1.0)  # CMITM: weight of the image-conditioned masked language modelling (CE)
+    cmitm_tau: float = _step1(0.07)  # CMITM: temperature of the InfoNCE (CLIP's 0.07; ours)
+    cmitm_mask_ratio: float = _step1(0.75)  # CMITM: share of image patches masked (MAE's 0.75)
+    cmitm_mlm_ratio: float = _step1(0.15)  # CMITM: share of report word pieces masked (BERT's 0.15)
+    cmitm_norm_pix: bool = _step1(True)  # CMITM: reconstruct per-patch normalised pixels (MAE's norm_pix_loss)
+    cmitm_decoder_depth: int = _step1(1)  # CMITM: cross-modal decoder layers, image and text side each (ours)
+    asg_w_instance: float = _step1(1.0)  # ASG: weight of the image-report InfoNCE (IRA)
+    asg_w_region: float = _step1(1.0)  # ASG: weight of the anatomical region-phrase alignment (ARSA)
+    asg_w_tag: float = _step1(1.0)  # ASG: weight of the image-tag recognition (asymmetric loss)
+    asg_w_soft: float = _step1(1.0)  # ASG: weight of the tag-soft-label image-report contrast
+    asg_tau: float = _step1(0.07)  # ASG: temperature of its three contrastive terms (CLIP's 0.07; ours)
     # ---- step 2: semi-supervised segmentation ----------------------------
-    method: str = _step2("dusss")  # a registered Step-2 method (dusss.methods.METHODS): dusss, mt, supervised, bcp, ucmt, cct, mcnet, ssnet, clipseg, vilt
+    method: str = _step2("dusss")  # a registered Step-2 method (dusss.methods.METHODS): dusss, mt, supervised, bcp, ucmt, cct, mcnet, ssnet, clipseg, vilt, lvit
     ratio: float = _shared(0.25)  # share of labelled training images, in (0, 1]
     vlm_checkpoint: str = _ops("")  # "" = the checkpoint notebook 02 writes for this dataset
     unet_base: int = _step2(8)  # U-Net base channels (paper: 64)
@@ -208,6 +224,13 @@ class Config:
     clipseg_patch: int = _step2(16)  # CLIP row: ViT patch size of CLIPSeg's image tower (CLIPSeg: ViT-B/16)
     clipseg_proj_dim: int = _step2(64)  # CLIP row: size of the FiLM text embedding (CLIPSeg: 512)
     vilt_patch: int = _step2(16)  # ViLT row: patch size (ViLT-B/32: 32; 16 keeps an 8x8 grid at 128 px)
+    lvit_base: int = _step2(8)  # LViT row (dusss.lvit): CNN base width C; ViT widths C, 2C, 4C, 8C (LViT-T: 64)
+    lvit_patch: int = _step2(16)  # LViT row: first-scale ViT patch, halved at each of the 4 scales (LViT: 16)
+    lvit_heads: int = _step2(2)  # LViT row: attention heads of every ViT block (LViT: 8)
+    lvit_text_len: int = _step2(10)  # LViT row: report tokens read (LViT: the first 10 word embeddings)
+    lvit_epi_beta: float = _step2(0.99)  # LViT EPI: pseudo label = beta * previous + (1 - beta) * new prediction (0.99; LViT's public code has no EPI)
+    lvit_lv_weight: float = _step2(0.1)  # LViT: weight of the LV loss on unlabelled images (not given in LViT's code)
+    lvit_pretrain_frac: float = _step2(0.25)  # LViT: share of the epochs training the labelled-only prototype before EPI
     out_dir: str = _ops("")  # "" = runs/<command>/<dataset>/...
 
     # ------------------------------------------------------------------
@@ -291,7 +314,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         text_max_len=32, vlm_epochs=2, vlm_batch_size=8, unet_base=4, epochs=2,
         labelled_bs=4, unlabelled_bs=4, patience=2, rampup_epochs=1.0, ssl_rampup_epochs=2.0, steps_per_epoch=0, min_epochs=0,
         textseg_width=32, textseg_depth=1, textseg_heads=2, textseg_decoder=16, clipseg_patch=8, clipseg_proj_dim=32,
-        vilt_patch=8,
+        vilt_patch=8, lvit_patch=8,
     ),
     "demo": dict(),
     "paper": dict(
@@ -300,7 +323,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         vlm_batch_size=32, unet_base=64, epochs=200, labelled_bs=16, unlabelled_bs=16,
         lr=3e-4, patience=20, rampup_epochs=20.0, ssl_rampup_epochs=200.0, num_workers=4, steps_per_epoch=0, min_epochs=50,
         textseg_width=768, textseg_depth=12, textseg_heads=12, textseg_decoder=64, clipseg_patch=16,
-        clipseg_proj_dim=512, vilt_patch=32,
+        clipseg_proj_dim=512, vilt_patch=32, lvit_base=64, lvit_heads=8,
     ),
 }
 
@@ -418,6 +441,15 @@ def _check_ranges(cfg: Config) -> None:
         ("mgca_sinkhorn_iters", cfg.mgca_sinkhorn_iters >= 1, "must be >= 1 (MGCA: 3)"),
         ("mgca_prototypes", cfg.mgca_prototypes >= 2, "must be >= 2 (MGCA: 500)"),
         ("mgca_freeze_proto_epochs", cfg.mgca_freeze_proto_epochs >= 0, "must be >= 0 (MGCA: 1)"),
+        ("step1_objective", cfg.step1_objective not in ("cmitm", "asg") or not (cfg.use_sss or cfg.use_cmc
+                                                                                 or cfg.use_imc),
+         f"replaces SSS, CMC and IMC by {cfg.step1_objective.upper()}'s terms: set use_sss=false, use_cmc=false "
+         "and use_imc=false with it (use_tg and ground_sup stay available)"),
+        ("cmitm_tau", cfg.cmitm_tau > 0, "must be > 0 (default 0.07)"),
+        ("cmitm_mask_ratio", 0 < cfg.cmitm_mask_ratio < 1, "must be in (0, 1) (MAE: 0.75)"),
+        ("cmitm_mlm_ratio", 0 < cfg.cmitm_mlm_ratio < 1, "must be in (0, 1) (BERT: 0.15)"),
+        ("cmitm_decoder_depth", cfg.cmitm_decoder_depth >= 1, "must be >= 1"),
+        ("asg_tau", cfg.asg_tau > 0, "must be > 0 (default 0.07)"),
         ("cons_loss", cfg.cons_loss in ("mse", "bce"), "must be 'mse' or 'bce'"),
         ("perturb", cfg.perturb in ("noise", "strong", "none"), "must be 'noise', 'strong' or 'none'"),
         ("noise_std", cfg.noise_std >= 0, "must be >= 0 (relative to each image's sd)"),
@@ -451,12 +483,19 @@ def _check_ranges(cfg: Config) -> None:
         ("ssnet_xi", cfg.ssnet_xi > 0, "must be > 0 (SS-Net: 10.0)"),
         ("ssnet_ip", cfg.ssnet_ip >= 1, "must be >= 1 (SS-Net: 1)"),
         ("ssnet_proj_dim", cfg.ssnet_proj_dim >= 1, "must be >= 1 (SS-Net: 32)"),
+        ("lvit_epi_beta", 0.0 <= cfg.lvit_epi_beta < 1.0, "must be in [0, 1) (0 = the latest prediction alone)"),
+        ("lvit_lv_weight", cfg.lvit_lv_weight >= 0, "must be >= 0 (0 = no LV loss)"),
+        ("lvit_pretrain_frac", 0.0 <= cfg.lvit_pretrain_frac < 1.0, "must be in [0, 1)"),
     ]
     for key in ("mgca_w_instance", "mgca_w_token", "mgca_w_proto"):
         checks.append((key, getattr(cfg, key) >= 0, "must be >= 0 (MGCA: 1.0)"))
+    for key in ("cmitm_w_contrast", "cmitm_w_mim", "cmitm_w_mlm", "asg_w_instance", "asg_w_region", "asg_w_tag",
+                "asg_w_soft"):
+        checks.append((key, getattr(cfg, key) >= 0, "must be >= 0 (default 1.0)"))
     for key in ("ucmt_grid", "epochs", "vlm_epochs", "labelled_bs", "unlabelled_bs", "vlm_batch_size", "unet_base",
                 "vit_width", "vit_depth", "vit_heads", "embed_dim", "vit_patch", "patience", "textseg_width",
-                "textseg_depth", "textseg_heads", "textseg_decoder", "clipseg_patch", "clipseg_proj_dim", "vilt_patch"):
+                "textseg_depth", "textseg_heads", "textseg_decoder", "clipseg_patch", "clipseg_proj_dim", "vilt_patch",
+                "lvit_base", "lvit_patch", "lvit_heads", "lvit_text_len"):
         checks.append((key, getattr(cfg, key) > 0, "must be > 0"))
     for key, ok, why in checks:
         if not ok:

@@ -3,7 +3,8 @@
 Step 1 (VLM pre-training): :class:`SSSInfoNCE` (Eqs. 5-7),
 :class:`DualContrastiveLoss` (Eqs. 8-9, CMC + IMC = DCL), :class:`TextGuidedLoss`
 (Eq. 11) with :func:`mask_pool`; the alternative Step-1 objective of Table 1's MGCA row,
-:class:`MGCALoss` (instance, token and prototype alignment, Wang et al. 2022). Step 2 (semi-supervised segmentation):
+:class:`MGCALoss` (instance, token and prototype alignment, Wang et al. 2022), and those of its CMITM and ASG
+rows, :class:`CMITMLoss` (Chen et al. 2023) and :class:`ASGLoss` (Li et al. 2024). Step 2 (semi-supervised segmentation):
 :class:`SupervisedSegLoss` (Eq. 14), :func:`merged_target` and
 :class:`TextGuidedSemiLoss` (Eqs. 15-17), :func:`ema_update` (Eq. 12),
 :func:`sigmoid_rampup` (not in the paper).
@@ -40,7 +41,8 @@ __all__ = [
     "TextGuidedLoss", "mask_pool", "SupervisedSegLoss", "merged_target", "TextGuidedSemiLoss",
     "ema_update", "sigmoid_rampup", "consistency_loss", "CONSISTENCY_FORMS", "MAX_LOGIT_SCALE", "gather_embedding",
     "MGCAFeatures", "MGCALoss", "sinkhorn_knopp", "cross_attend", "clipped_token_weights", "token_alignment_nce",
-    "prototype_alignment",
+    "prototype_alignment", "CMITMFeatures", "CMITMLoss", "random_patch_mask", "patchify", "masked_patch_loss",
+    "ASGFeatures", "ASGLoss", "asymmetric_loss", "tag_soft_labels", "soft_label_nce",
 ]
 
 MAX_LOGIT_SCALE = 100.0  # 1/τ <= 100, i.e. τ >= 0.01 (CLIP's clamp)
@@ -608,3 +610,204 @@ class MGCALoss(nn.Module):
         loss = self.w_instance * instance + self.w_token * token + self.w_proto * proto
         return {"loss": loss, "instance": instance, "token": token, "token_word": token_word,
                 "token_patch": token_patch, "proto": proto}
+
+
+# ---------------------------------------------------------------- CMITM (Chen et al. 2023), a Step-1 alternative
+class CMITMFeatures(NamedTuple):
+    """What CMITM's masked-modelling terms read from one forward pass (:meth:`dusss.vlm.DuSSSVLM.forward` with
+    ``local=True`` on a ``step1_objective="cmitm"`` model).
+
+    ``pred`` / ``target`` ``(B, P, p*p*3)``: the decoder's pixels and the true pixels of every patch (row-major);
+    ``patch_mask`` ``(B, P)`` True where the patch was masked (hidden from the image encoder); ``mlm_logits``
+    ``(M, V)``: vocabulary scores at the M masked word pieces of the batch only, ``mlm_targets`` ``(M,)`` their
+    true token ids; ``mlm_positions`` ``(B, L)`` True at those pieces.
+    """
+
+    pred: Tensor
+    target: Tensor
+    patch_mask: Tensor
+    mlm_logits: Tensor
+    mlm_targets: Tensor
+    mlm_positions: Tensor
+
+
+def random_patch_mask(batch: int, patches: int, ratio: float, generator: torch.Generator | None = None,
+                      device: torch.device | str = "cpu") -> Tensor:
+    """MAE's random masking: ``(B, P)`` bool, True on ``round(ratio * P)`` patches per image (at least one masked
+    and one visible), drawn independently per image by ranking uniform noise."""
+    n_mask = min(max(round(ratio * patches), 1), patches - 1)
+    noise = torch.rand(batch, patches, generator=generator)  # (B, P)
+    rank = noise.argsort(1).argsort(1)
+    return (rank < n_mask).to(device)
+
+
+def patchify(images: Tensor, patch: int) -> Tensor:
+    """``(B, C, H, W)`` -> ``(B, h*w, patch*patch*C)``: each patch's pixels, patches row-major (as the ViT's tokens)."""
+    b, c, hh, ww = images.shape
+    h, w = hh // patch, ww // patch
+    x = images.reshape(b, c, h, patch, w, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, h * w, patch * patch * c)
+
+
+def masked_patch_loss(pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bool = True) -> Tensor:
+    """MAE's reconstruction loss: per-patch mean squared error, averaged over the **masked** patches only.
+
+    ``pred``/``target`` ``(B, P, D)``, ``mask`` ``(B, P)`` True = masked. With ``norm_pix`` each target patch
+    is standardised by its own mean and variance first (MAE's ``norm_pix_loss``, eps 1e-6).
+    """
+    if norm_pix:
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6).sqrt()
+    per_patch = ((pred - target) ** 2).mean(-1)  # (B, P)
+    m = mask.to(per_patch.dtype)
+    return (per_patch * m).sum() / m.sum().clamp_min(1.0)
+
+
+class CMITMLoss(nn.Module):
+    """CMITM's Step-1 objective (Chen et al. 2023): ``w_contrast·L_itc + w_mim·L_mim + w_mlm·L_mlm``.
+
+    - ``L_itc``: symmetric image-report InfoNCE on the unit global embeddings at a fixed temperature,
+      ``(i2t + t2i) / 2``, identical reports as positives (``positive_mask``);
+    - ``L_mim``: cross-modal masked image modelling, :func:`masked_patch_loss` of the pixels the decoder
+      rebuilt for the masked patches while attending to the report's token states;
+    - ``L_mlm``: masked language modelling conditioned on the image, cross-entropy at the masked word pieces
+      only (:attr:`CMITMFeatures.mlm_logits` holds nothing else).
+    """
+
+    def __init__(self, *, w_contrast: float = 1.0, w_mim: float = 1.0, w_mlm: float = 1.0, tau: float = 0.07,
+                 norm_pix: bool = True, gather: bool = False) -> None:
+        super().__init__()
+        self.w_contrast, self.w_mim, self.w_mlm, self.tau = w_contrast, w_mim, w_mlm, tau
+        self.norm_pix, self.gather = norm_pix, gather
+
+    @classmethod
+    def from_config(cls, cfg, *, gather: bool = False) -> "CMITMLoss":
+        """Build from a :class:`dusss.config.Config` (its ``cmitm_*`` keys)."""
+        return cls(w_contrast=cfg.cmitm_w_contrast, w_mim=cfg.cmitm_w_mim, w_mlm=cfg.cmitm_w_mlm, tau=cfg.cmitm_tau,
+                   norm_pix=cfg.cmitm_norm_pix, gather=gather)
+
+    def forward(self, image: Embedding, text: Embedding, local: CMITMFeatures,
+                positive_mask: Tensor | None = None) -> dict[str, Tensor]:
+        """``{"loss", "contrast", "mim", "mlm"}`` (unweighted terms and the weighted sum)."""
+        contrast = 0.5 * sum(_instance_nce(image, text, self.tau, positive_mask, self.gather))
+        mim = masked_patch_loss(local.pred, local.target, local.patch_mask, self.norm_pix)
+        mlm = (F.cross_entropy(local.mlm_logits, local.mlm_targets) if local.mlm_targets.numel()
+               else local.mlm_logits.sum() * 0.0)
+        loss = self.w_contrast * contrast + self.w_mim * mim + self.w_mlm * mlm
+        return {"loss": loss, "contrast": contrast, "mim": mim, "mlm": mlm}
+
+
+def _instance_nce(image: Embedding, text: Embedding, tau: float, positive_mask: Tensor | None,
+                  gather: bool) -> tuple[Tensor, Tensor]:
+    """Image->text and text->image InfoNCE of the unit global embeddings at temperature ``tau`` (global batch
+    under ``gather``)."""
+    img_s, txt_s = image.s, text.s  # (B, E)
+    if gather:
+        n_local = img_s.shape[0]
+        img_s, txt_s = gather_with_grad(img_s), gather_with_grad(txt_s)
+        _check_global_mask(positive_mask, img_s.shape[0], n_local)
+    return info_nce(img_s @ txt_s.T / tau, positive_mask)
+
+
+# ---------------------------------------------------------------- ASG (Li et al. 2024), a Step-1 alternative
+class ASGFeatures(NamedTuple):
+    """What ASG's anatomy and tag terms read from one forward pass (``local=True`` on an ``"asg"`` model).
+
+    ``region`` / ``phrase`` ``(R, E)``: unit embeddings of the R anatomical regions the batch's reports name
+    (image features pooled over the region, :func:`dusss.anatomy.zone_weights`) and of the phrase naming each;
+    ``phrase_ids`` ``(R,)``: equal for identical phrases; ``tag_logits`` ``(B, T)``: the image-tag decoder's
+    scores, ``tags`` ``(B, T)`` the report's tags, ``tag_valid`` ``(B,)`` False for reports without anatomy.
+    """
+
+    region: Tensor
+    phrase: Tensor
+    phrase_ids: Tensor
+    tag_logits: Tensor
+    tags: Tensor
+    tag_valid: Tensor
+
+
+def asymmetric_loss(logits: Tensor, targets: Tensor, gamma_neg: float = 4.0, gamma_pos: float = 0.0,
+                    clip: float = 0.05, eps: float = 1e-8) -> Tensor:
+    """Asymmetric loss (Ridnik et al. 2021; ASG's image-tag recognition, after Query2Label), summed over tags
+    ``(..., T)`` -> ``(...)``: ``-y (1-p)^γ+ log p - (1-y) p_m^γ- log(1-p_m)`` with ``p_m = max(p - clip, 0)``
+    (the focusing weights carry no gradient, as in the reference code)."""
+    p = torch.sigmoid(logits)
+    p_neg = (p - clip).clamp_min(0) if clip > 0 else p
+    y = targets.to(p.dtype)
+    loss_pos = y * torch.log(p.clamp_min(eps))
+    loss_neg = (1 - y) * torch.log((1 - p_neg).clamp_min(eps))
+    with torch.no_grad():
+        pt = p * y + (1 - p_neg) * (1 - y)
+        weight = (1 - pt) ** (gamma_pos * y + gamma_neg * (1 - y))
+    return -((loss_pos + loss_neg) * weight).sum(-1)
+
+
+def tag_soft_labels(tags: Tensor, valid: Tensor) -> Tensor:
+    """ASG's soft labels between reports: ``(B, B)`` cosine similarity of the tag vectors ``(B, T)`` (two empty
+    tag vectors count as identical), rows normalised to sum 1; rows and columns of invalid reports are zero."""
+    t = tags.float()
+    norm = t.norm(dim=1, keepdim=True)
+    sim = (t / norm.clamp_min(1e-12)) @ (t / norm.clamp_min(1e-12)).T  # (B, B)
+    empty = norm.squeeze(1) == 0
+    sim = torch.where(empty[:, None] & empty[None, :], torch.ones_like(sim), sim)
+    pair = valid[:, None] & valid[None, :]
+    sim = torch.where(pair, sim, torch.zeros_like(sim))
+    return sim / sim.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def soft_label_nce(logits: Tensor, soft: Tensor, rows: Tensor) -> Tensor:
+    """Cross-entropy of ``softmax(logits)`` against soft targets ``soft`` ``(B, B)``, both directions, averaged
+    over the rows where ``rows`` ``(B,)`` is True (0 when none is)."""
+    if not bool(rows.any()):
+        return logits.sum() * 0.0
+    i2t = -(soft * F.log_softmax(logits, dim=1)).sum(1)
+    t2i = -(soft.T * F.log_softmax(logits.T, dim=1)).sum(1)
+    return 0.5 * (i2t[rows].mean() + t2i[rows].mean())
+
+
+class ASGLoss(nn.Module):
+    """ASG's Step-1 objective (Li et al. 2024): ``w_instance·L_ira + w_region·L_arsa + w_tag·L_tag + w_soft·L_soft``.
+
+    - ``L_ira``: image-report InfoNCE on the unit global embeddings, ``(i2t + t2i) / 2``;
+    - ``L_arsa``: anatomical region-phrase alignment, InfoNCE between every region embedding of the batch and
+      every phrase embedding, identical phrases as positives (0 with fewer than two regions);
+    - ``L_tag``: image-tag recognition, :func:`asymmetric_loss` of the tag decoder's logits, mean over the
+      reports with anatomy;
+    - ``L_soft``: image-report contrast against the tag soft labels (:func:`tag_soft_labels`, :func:`soft_label_nce`).
+
+    On reports without anatomy (MoNuSeg, BM-Seg grammars) the last three are 0 and ASG is ``L_ira``.
+    """
+
+    def __init__(self, *, w_instance: float = 1.0, w_region: float = 1.0, w_tag: float = 1.0, w_soft: float = 1.0,
+                 tau: float = 0.07, gather: bool = False) -> None:
+        super().__init__()
+        self.w_instance, self.w_region, self.w_tag, self.w_soft = w_instance, w_region, w_tag, w_soft
+        self.tau, self.gather = tau, gather
+
+    @classmethod
+    def from_config(cls, cfg, *, gather: bool = False) -> "ASGLoss":
+        """Build from a :class:`dusss.config.Config` (its ``asg_*`` keys)."""
+        return cls(w_instance=cfg.asg_w_instance, w_region=cfg.asg_w_region, w_tag=cfg.asg_w_tag,
+                   w_soft=cfg.asg_w_soft, tau=cfg.asg_tau, gather=gather)
+
+    def region_term(self, region: Tensor, phrase: Tensor, phrase_ids: Tensor) -> Tensor:
+        """``L_arsa`` of ``(R, E)`` region and phrase embeddings (see the class docstring)."""
+        if region.shape[0] < 2:
+            return region.sum() * 0.0
+        same = phrase_ids[:, None] == phrase_ids[None, :]  # (R, R)
+        r2p, p2r = info_nce(region @ phrase.T / self.tau, same)
+        return 0.5 * (r2p + p2r)
+
+    def forward(self, image: Embedding, text: Embedding, local: ASGFeatures,
+                positive_mask: Tensor | None = None) -> dict[str, Tensor]:
+        """``{"loss", "instance", "region", "tag", "soft"}`` (unweighted terms and the weighted sum); the
+        region, tag and soft terms are computed per rank under ``gather``."""
+        instance = 0.5 * sum(_instance_nce(image, text, self.tau, positive_mask, self.gather))
+        region = self.region_term(local.region, local.phrase, local.phrase_ids)
+        valid = local.tag_valid
+        tag = (asymmetric_loss(local.tag_logits[valid], local.tags[valid]).mean() if bool(valid.any())
+               else local.tag_logits.sum() * 0.0)
+        soft = soft_label_nce(image.s @ text.s.T / self.tau, tag_soft_labels(local.tags, valid), valid)
+        loss = self.w_instance * instance + self.w_region * region + self.w_tag * tag + self.w_soft * soft
+        return {"loss": loss, "instance": instance, "region": region, "tag": tag, "soft": soft}

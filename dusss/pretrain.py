@@ -10,6 +10,10 @@ Step 2 treats as labelled), so Step 2's unlabelled images stay unlabelled.
 ``step1_objective="mgca"`` replaces SSS/CMC/IMC by MGCA's instance-, token- and
 prototype-level alignment (:class:`dusss.losses.MGCALoss`, Table 1's MGCA row);
 ``L_tg`` and ``ground_sup`` keep training the grounding decoder Step 2 reads.
+``"cmitm"`` (:class:`dusss.losses.CMITMLoss`, contrastive + cross-modal masked image and
+language modelling) and ``"asg"`` (:class:`dusss.losses.ASGLoss`, instance + anatomical
+region-phrase + image-tag terms, anatomy from :mod:`dusss.anatomy`) do the same for
+Table 1's CMITM and ASG rows.
 
 Second views for IMC: the image gets a photometric jitter (brightness,
 contrast, gamma, noise: no geometry, so the report stays true and the mask
@@ -41,7 +45,7 @@ from tqdm.auto import tqdm
 from .config import Config, ConfigError, resume_differences
 from .data import default_augment, open_split, paraphrase, parse_qata, split_for
 from .data.prepare import ensure_dataset, resolve_dataset
-from .losses import DualContrastiveLoss, MGCALoss, SupervisedSegLoss, TextGuidedLoss, mask_pool
+from .losses import ASGLoss, CMITMLoss, DualContrastiveLoss, MGCALoss, SupervisedSegLoss, TextGuidedLoss, mask_pool
 from .metrics import dice_iou_per_image, dice_of_masks
 from .runs import pretrain_dir
 from .utils import (atomic_torch_save, atomic_write_json, atomic_write_text, autocast, get_logger, load_checkpoint,
@@ -248,8 +252,9 @@ class _Objective(nn.Module):
     """The Step-1 loss terms under their switches, holding the learnable temperatures.
 
     ``cfg.step1_objective`` picks the alignment terms: ``"dusss"`` = DCL with SSS under the ``use_*`` switches,
-    ``"mgca"`` = :class:`dusss.losses.MGCALoss` (the config refuses it beside SSS/CMC/IMC); ``L_tg`` and the
-    ``ground_sup`` extension follow their switches under either.
+    ``"mgca"`` = :class:`dusss.losses.MGCALoss`, ``"cmitm"`` = :class:`~dusss.losses.CMITMLoss`, ``"asg"`` =
+    :class:`~dusss.losses.ASGLoss` (the config refuses these beside SSS/CMC/IMC); ``L_tg`` and the
+    ``ground_sup`` extension follow their switches under any of them.
     """
 
     def __init__(self, cfg: Config, *, gather: bool = False) -> None:
@@ -258,6 +263,8 @@ class _Objective(nn.Module):
         # gather: under torchrun the contrastive terms score the global batch (negatives from every rank)
         self.dcl = DualContrastiveLoss.from_config(cfg, gather=gather) if (cfg.use_cmc or cfg.use_imc) else None
         self.mgca = MGCALoss.from_config(cfg, gather=gather) if cfg.step1_objective == "mgca" else None
+        self.other = {"cmitm": CMITMLoss, "asg": ASGLoss}.get(cfg.step1_objective)  # the CMITM / ASG loss, if any
+        self.other = self.other.from_config(cfg, gather=gather) if self.other is not None else None
         self.tg = TextGuidedLoss(tau_init=cfg.tau_init, gather=gather) if cfg.use_tg else None
         self.sup = SupervisedSegLoss()
 
@@ -272,11 +279,12 @@ class _Objective(nn.Module):
         cfg = self.cfg
         ground = cfg.use_tg or (cfg.ground_sup and bool(labelled.any()))
         img2 = txt2 = None
-        local = self.mgca is not None
-        if local:
+        local = self.mgca is not None or self.other is not None
+        if self.mgca is not None:
             model.normalize_prototypes()
         with autocast(cfg.amp, images.device):  # the encoders under bf16 autocast where cfg.amp enables it
-            out = model(images, texts, ground=ground, local=local)
+            # generator: CMITM's image and word-piece masks, reproducible per epoch like the IMC views
+            out = model(images, texts, ground=ground, local=local, generator=generator)
             if self.dcl is not None and cfg.use_imc:
                 img2, _ = model.encode_image(photometric_view(images, generator), ground=False)
                 txt2, _ = model.encode_text(texts2)
@@ -304,6 +312,10 @@ class _Objective(nn.Module):
             mgca = self.mgca(out.image, out.text, out.local, positive_mask=pos)
             loss = loss + mgca["loss"]
             terms.update({f"mgca_{k}": v for k, v in mgca.items() if k != "loss"})
+        if self.other is not None:
+            other = self.other(out.image, out.text, out.local, positive_mask=pos)
+            loss = loss + other["loss"]
+            terms.update({f"{cfg.step1_objective}_{k}": v for k, v in other.items() if k != "loss"})
         if self.tg is not None:
             weights = torch.sigmoid(F.interpolate(out.mask_logits, size=out.pixel.shape[-2:], mode="bilinear",
                                                   align_corners=False))  # (B, 1, h', w')
@@ -499,7 +511,8 @@ def _pretrain(cfg: Config, info: DistInfo, *, progress: bool) -> dict[str, float
                                  "n_train": len(train), "seconds_this_call": time.perf_counter() - t_start}
     metrics.update({f"val_{k}": v for k, v in evaluate_vlm(model, val_loader, refs, cfg).items()})
     metrics.update({f"test_{k}": v for k, v in evaluate_vlm(model, test_loader, refs, cfg).items()})
-    for key in ("loss", "cmc", "imc", "tg", "ground_sup", "mgca_instance", "mgca_token", "mgca_proto"):
+    for key in ("loss", "cmc", "imc", "tg", "ground_sup", "mgca_instance", "mgca_token", "mgca_proto", "cmitm_contrast",
+                "cmitm_mim", "cmitm_mlm", "asg_instance", "asg_region", "asg_tag", "asg_soft"):
         if history and key in history[0]:
             metrics[f"first_{key}"], metrics[f"last_{key}"] = history[0][key], history[-1][key]
     if is_main_process():

@@ -11,7 +11,7 @@ its folders from it (:mod:`dusss.pretrain`, :mod:`dusss.ssmis`):
   ``vlm.pt``.
 - **VLM variants.** A Step-1 run is named by its loss switches
   (:func:`vlm_variant`, e.g. ``sss1-cmc1-imc1-tg1``), or by its objective when that
-  is not DuSSS's (``mgca-tg0``), in :func:`pretrain_dir`.
+  is not DuSSS's (``mgca-tg0``, ``cmitm-tg0``, ``asg-tg0``), in :func:`pretrain_dir`.
 - **Rows.** :data:`ROWS` are the rows of Tables 1 and 2 (a method of
   :mod:`dusss.methods` plus, for text-guided rows, the VLM switches);
   :func:`run_name` names one run of a row (``<method>[-<variant>]-r<ratio>-s<seed>``),
@@ -127,9 +127,10 @@ def _vlm(sss: bool, imc: bool, tg: bool) -> dict[str, bool]:
     return {"use_sss": sss, "use_cmc": True, "use_imc": imc, "use_tg": tg}
 
 
-def _mgca(tg: bool) -> dict[str, Any]:
-    """A VLM pre-trained with MGCA's objective (``step1_objective="mgca"``) in place of SSS/CMC/IMC."""
-    return {"step1_objective": "mgca", "use_sss": False, "use_cmc": False, "use_imc": False, "use_tg": tg}
+def _objective(objective: str, tg: bool = False) -> dict[str, Any]:
+    """A VLM pre-trained with a Step-1 objective that is not DuSSS's (``step1_objective`` = ``"mgca"``,
+    ``"cmitm"``, ``"asg"``) in place of SSS/CMC/IMC; ``L_tg`` off by default, as in the CLIP-style row."""
+    return {"step1_objective": objective, "use_sss": False, "use_cmc": False, "use_imc": False, "use_tg": tg}
 
 
 ROWS: dict[str, RowSpec] = {
@@ -143,8 +144,11 @@ ROWS: dict[str, RowSpec] = {
     "cct": RowSpec("CCT", "cct", paper1="CCT"),
     "mcnet": RowSpec("MC-Net", "mcnet", paper1="MC-Net"),
     "ssnet": RowSpec("SS-Net (simplified)", "ssnet", paper1="SS-Net"),
+    "lvit": RowSpec("LViT (LViT-T, reads the report; EPI + LV loss)", "lvit", paper1="LViT"),
     "clip": RowSpec("CLIP-style VLM + text-guided SSMIS", "dusss", _vlm(False, False, False)),
-    "mgca": RowSpec("MGCA-pretrained VLM + text-guided SSMIS", "dusss", _mgca(False), paper1="MGCA"),
+    "cmitm": RowSpec("CMITM-pretrained VLM + text-guided SSMIS", "dusss", _objective("cmitm"), paper1="CMITM"),
+    "asg": RowSpec("ASG-pretrained VLM + text-guided SSMIS", "dusss", _objective("asg"), paper1="ASG"),
+    "mgca": RowSpec("MGCA-pretrained VLM + text-guided SSMIS", "dusss", _objective("mgca"), paper1="MGCA"),
     "sss": RowSpec("SSS", "dusss", _vlm(True, False, False), paper2=(1, 0, 0)),
     "dcl": RowSpec("DCL", "dusss", _vlm(False, True, False), paper2=(0, 1, 0)),
     "sss+tg": RowSpec("SSS + L_tg", "dusss", _vlm(True, False, True), paper2=(1, 0, 1)),
@@ -152,7 +156,8 @@ ROWS: dict[str, RowSpec] = {
     "sss+dcl": RowSpec("SSS + DCL", "dusss", _vlm(True, True, False), paper2=(1, 1, 0)),
     "dusss": RowSpec("DuSSS (SSS + DCL + L_tg)", "dusss", _vlm(True, True, True), paper1="DuSSS", paper2=(1, 1, 1)),
 }
-TABLE1_ROWS = ("unet100", "clipseg", "vilt", "unet", "mt", "bcp", "ucmt", "cct", "mcnet", "ssnet", "clip", "mgca", "dusss")
+TABLE1_ROWS = ("unet100", "clipseg", "vilt", "unet", "mt", "bcp", "ucmt", "cct", "mcnet", "ssnet", "lvit", "clip",
+               "cmitm", "asg", "mgca", "dusss")
 TABLE2_ROWS = ("mt", "sss", "dcl", "sss+tg", "dcl+tg", "sss+dcl", "dusss")
 
 

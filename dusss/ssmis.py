@@ -198,6 +198,7 @@ class _Augmenter:
 
     def __init__(self, aug: JointAugment, text_mode: str) -> None:
         self.aug, self.text_mode = aug, text_mode
+        self.last_params: list[dict] = []  # the parameter dicts of the latest call, one per image
         if self.aug.generator is None:
             self.aug.generator = torch.Generator().manual_seed(0)
 
@@ -212,6 +213,7 @@ class _Augmenter:
                  texts: list[str] | None = None):
         """``(x, y, maps, texts)`` transformed; ``maps`` and ``texts`` pass through as None when not given."""
         params = [self.aug.sample() for _ in range(len(x))]
+        self.last_params = params  # what a method that keeps per-image state in the un-augmented frame reads
         x, y = apply_params_batch(x, params), apply_params_batch(y, params, nearest=True)
         if maps is not None:
             maps = apply_params_batch(maps, params)
@@ -524,17 +526,21 @@ def _train_ssmis(cfg: Config, method_cls: type[Method], info: DistInfo, *, progr
         texts_l = [lab.texts[i] for i in idx.tolist()] if reads_text else None
         x_l, y_l, _, texts_l = lab_aug(x_l, y_l, None, texts_l)  # reports rewritten for flips and quarter turns
         x_u = z_text = None
+        extra: dict[str, Any] = {}
         if unl_stream is not None:
             idx_u = unl_stream.next()
             x_u, y_hidden = unl.batch(idx_u)  # the hidden masks ride along only to be transformed alike; never used
             maps = unl_maps[idx_u].float() if unl_maps is not None else None
-            texts = [unl.texts[i] for i in idx_u.tolist()] if guidance is not None and unl_maps is None else None
+            read = reads_text or guidance is not None and unl_maps is None  # the student or the VLM reads the reports
+            texts = [unl.texts[i] for i in idx_u.tolist()] if read else None
             x_u, _, maps, texts = unl_aug(x_u, y_hidden, maps, texts)
+            if reads_text:  # a text-conditioned student: its reports, identities and augmentations ride along
+                extra = {"texts_u": texts, "idx_u": idx_u, "aug_u": unl_aug.last_params}
             if guidance is not None:
                 z_text = (maps if maps is not None else guidance.logits(x_u, texts)).to(device)  # (Bu, 1, H, W)
             x_u = x_u.to(device).contiguous(memory_format=memory)
         return StepBatch(x_l.to(device).contiguous(memory_format=memory), y_l.to(device), x_u, z_text, global_step,
-                         total_steps, global_step / steps, texts_l)
+                         total_steps, global_step / steps, texts_l, **extra)
 
     bar = tqdm(total=cfg.epochs, initial=epoch, desc=f"ssmis {cfg.method} r{cfg.ratio:g}", disable=not progress)
     step_seconds = 0.0 if state is None else float(state.get("step_seconds", 0.0))

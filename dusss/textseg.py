@@ -30,8 +30,9 @@ Images enter in [0, 1] and are normalised inside (CLIP's mean and std; ViLT's
 0.5 / 0.5). A model that reads text says so with the class attribute
 ``needs_text = True`` and is called ``model(x, texts)``; :func:`segment` calls
 any student the right way. Which student a method trains is its optional class
-attribute ``student`` (default ``"unet"``, :data:`STUDENTS`); the sizes are the
-``textseg_*``, ``clipseg_*`` and ``vilt_*`` config keys, at the paper's ViT-B
+attribute ``student`` (default ``"unet"``, :data:`STUDENTS`, which also holds
+Table 1's LViT row, :mod:`dusss.lvit`); the sizes are the
+``textseg_*``, ``clipseg_*``, ``vilt_*`` and ``lvit_*`` config keys, at the paper's ViT-B
 size in the ``paper`` profile (:func:`paper_size_config`).
 """
 from __future__ import annotations
@@ -44,11 +45,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import lvit
 from .config import Config, ConfigError, make_config
+from .lvit import LViTStudent
 from .unet import build_unet
 from .vlm import TextEncoder, resolve_text_model
 
-__all__ = ["CLIPSegStudent", "ViLTStudent", "STUDENTS", "build_student", "build_clipseg", "build_vilt", "needs_text",
+__all__ = ["CLIPSegStudent", "ViLTStudent", "STUDENTS", "build_student", "build_clipseg", "build_vilt", "build_lvit",
+           "needs_text",
            "segment", "extract_layers", "paper_size_config"]
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's processor
@@ -227,7 +231,14 @@ def build_vilt(cfg: Config) -> ViLTStudent:
                        text_max_len=cfg.text_max_len, prior=cfg.fg_prior or None)
 
 
-STUDENTS: dict[str, Callable[[Config], nn.Module]] = {"unet": build_unet, "clipseg": build_clipseg, "vilt": build_vilt}
+def build_lvit(cfg: Config) -> LViTStudent:
+    """The LViT row's student at ``cfg`` (:func:`dusss.lvit.build_lvit`) reading the cached frozen encoder of
+    ``text_model``."""
+    return lvit.build_lvit(cfg, _text_encoder(cfg.text_model, cfg.text_max_len))
+
+
+STUDENTS: dict[str, Callable[[Config], nn.Module]] = {"unet": build_unet, "clipseg": build_clipseg, "vilt": build_vilt,
+                                                      "lvit": build_lvit}
 
 
 def build_student(cfg: Config, kind: str = "unet") -> nn.Module:

@@ -28,6 +28,16 @@ One module holds the whole VLM (Fig. 3, Step 1):
   ``forward(..., local=True)`` adds them to the output as
   :class:`dusss.losses.MGCAFeatures`, with the [CLS] attention of the last layer of
   each encoder (both then run eager attention, which returns attention weights).
+- **CMITM heads** (only with ``step1_objective="cmitm"``, Table 1's CMITM row): an
+  MAE-style decoder that rebuilds the pixels of masked patches from the visible
+  ones while cross-attending to the report's token states, and a text decoder that
+  predicts masked word pieces of the report from the frozen encoder's states of the
+  masked report while cross-attending to the image's patch tokens; both feed
+  :class:`dusss.losses.CMITMFeatures`.
+- **ASG heads** (only with ``step1_objective="asg"``, Table 1's ASG row): region and
+  phrase projections for the anatomical regions a report names
+  (:mod:`dusss.anatomy`) and an image-tag decoder (learnable tag queries attending to
+  the patch tokens); they feed :class:`dusss.losses.ASGFeatures`.
 """
 from __future__ import annotations
 
@@ -42,7 +52,8 @@ from torch import nn
 
 from .config import Config, make_config
 from .errors import CheckpointError
-from .losses import Embedding, MGCAFeatures
+from .anatomy import QATA_TAGS, report_anatomy, zone_weights
+from .losses import ASGFeatures, CMITMFeatures, Embedding, MGCAFeatures, patchify, random_patch_mask
 from .utils import get_logger, load_checkpoint
 
 __all__ = [
@@ -103,6 +114,7 @@ class TextEncoder(nn.Module):
         self.hidden_size = int(self.backbone.config.hidden_size)
         self._cache: dict[str, torch.Tensor] = {}
         self._word_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._token_cache: dict[str, torch.Tensor] = {}
         if frozen:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
@@ -141,6 +153,65 @@ class TextEncoder(nn.Module):
         self.precompute(texts)
         device = next(self.backbone.parameters()).device
         return torch.stack([self._cache[t] for t in texts]).to(device)  # (B, H)
+
+    def _token_states(self, texts: Sequence[str], input_ids: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Last-layer states ``(B, L, H)``, attention mask ``(B, L)`` and ids ``(B, L)`` of ``texts`` (or of
+        ``input_ids``, the same reports tokenised and edited, e.g. masked)."""
+        device = next(self.backbone.parameters()).device
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_len,
+                               return_tensors="pt").to(device)
+        if input_ids is not None:
+            batch["input_ids"] = input_ids.to(device)
+        return self.backbone(**batch).last_hidden_state, batch["attention_mask"].bool(), batch["input_ids"]
+
+    def tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states ``(B, L, H)`` of ``texts`` (special tokens included) and a mask ``(B, L)`` (True = a
+        token, False = padding); from a per-report cache when frozen (CMITM's image decoder attends to them)."""
+        if not self.frozen:
+            return self._token_states(texts)[:2]
+        device = next(self.backbone.parameters()).device
+        new = sorted({t for t in texts if t not in self._token_cache})
+        with torch.no_grad():
+            for i in range(0, len(new), 64):
+                chunk = new[i:i + 64]
+                states, keep, _ = self._token_states(chunk)
+                for j, text in enumerate(chunk):
+                    self._token_cache[text] = states[j, keep[j]].float().cpu()  # (n, H)
+        items = [self._token_cache[t] for t in texts]
+        n = max(len(x) for x in items)
+        states = torch.zeros(len(items), n, self.hidden_size, device=device)
+        mask = torch.zeros(len(items), n, device=device, dtype=torch.bool)
+        for i, x in enumerate(items):
+            states[i, :len(x)], mask[i, :len(x)] = x.to(device), True
+        return states, mask
+
+    def masked_tokens(self, texts: Sequence[str], ratio: float, generator: torch.Generator | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """BERT-style masking for CMITM's masked language modelling: ``round(ratio * n)`` (at least one) of each
+        report's ``n`` ordinary word pieces are replaced by ``[MASK]`` and the encoder is run on the result (no
+        gradient when frozen). Returns the states ``(B, L, H)``, the attention mask ``(B, L)``, the original ids
+        ``(B, L)`` and the masked positions ``(B, L)`` (True = masked)."""
+        if self.tokenizer.mask_token_id is None:
+            raise RuntimeError("the tokenizer of text_model has no [MASK] token; CMITM's masked language "
+                               "modelling needs a BERT-family tokenizer")
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_len,
+                               return_tensors="pt", return_special_tokens_mask=True)
+        ids, special = batch["input_ids"], batch["special_tokens_mask"].bool() | ~batch["attention_mask"].bool()
+        noise = torch.rand(ids.shape, generator=generator).masked_fill(special, 2.0)  # (B, L): specials last
+        rank = noise.argsort(1).argsort(1)
+        n_real = (~special).sum(1, keepdim=True)  # (B, 1)
+        n_mask = (n_real.float() * ratio).round().clamp_min(1).long().minimum(n_real)
+        positions = rank < n_mask  # (B, L)
+        masked_ids = ids.masked_fill(positions, self.tokenizer.mask_token_id)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            states, keep, _ = self._token_states(texts, masked_ids)
+        device = states.device
+        return states, keep, ids.to(device), positions.to(device)
+
+    def word_embeddings(self) -> torch.Tensor:
+        """The encoder's input word-embedding matrix ``(V, H)`` (CMITM's masked-token head is tied to it)."""
+        return self.backbone.get_input_embeddings().weight
 
     def _word_index(self, batch, i: int, special: torch.Tensor) -> list[int]:
         """Word number of each token of sequence ``i`` (-1: [CLS], [SEP], padding); word pieces share one."""
@@ -257,6 +328,20 @@ class ImageEncoder(nn.Module):
         (row-major over the ``h x w`` grid). Needs ``attentions=True`` at construction."""
         return self._run(images, attention=True)
 
+    def forward_visible(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """MAE's encoder pass: only the patch tokens ``keep`` ``(B, Pv)`` (indices into the row-major grid, the
+        same count per image) and [CLS] go through the ViT's layers. Returns ``(B, 1 + Pv, W)``. The caller
+        blanks the masked patches' pixels, so the conv stem cannot carry them into visible tokens either."""
+        x = (images - self.pixel_mean) / self.pixel_std
+        for layer in self.stem:
+            x = layer(x)
+        emb = self.vit.embeddings(x, interpolate_pos_encoding=True)  # (B, 1 + P, W), positions added
+        visible = emb[:, 1:].gather(1, keep[..., None].expand(-1, -1, emb.shape[-1]))  # (B, Pv, W)
+        hidden = torch.cat([emb[:, :1], visible], 1)  # (B, 1 + Pv, W)
+        for layer in self.vit.layers:
+            hidden = layer(hidden, None)
+        return self.vit.layernorm(hidden)
+
     def _run(self, images: torch.Tensor, attention: bool):
         x = (images - self.pixel_mean) / self.pixel_std
         skips = []
@@ -334,8 +419,9 @@ class VLMOutput(NamedTuple):
     [CLS] tokens, each ``(B, E)``; ``pixel``: grounding features ``v_f``
     ``(B, G, h', w')``; ``text_g``: grounding text features ``t_f`` ``(B, G)``;
     ``mask_logits``: Eq. 10 logits at the images' size ``(B, 1, H, W)``, or
-    ``None`` when no grounding was asked for; ``local``: MGCA's token and
-    prototype features (:class:`dusss.losses.MGCAFeatures`) with ``local=True``.
+    ``None`` when no grounding was asked for; ``local``: with ``local=True``, the
+    features of the model's Step-1 objective (:class:`dusss.losses.MGCAFeatures`,
+    :class:`~dusss.losses.CMITMFeatures` or :class:`~dusss.losses.ASGFeatures`).
     """
 
     image: Embedding
@@ -343,7 +429,25 @@ class VLMOutput(NamedTuple):
     pixel: torch.Tensor | None
     text_g: torch.Tensor | None
     mask_logits: torch.Tensor | None
-    local: MGCAFeatures | None = None
+    local: MGCAFeatures | CMITMFeatures | ASGFeatures | None = None
+
+
+class _CrossDecoder(nn.Module):
+    """Pre-norm transformer decoder layers (self-attention, cross-attention to another modality, MLP) and a
+    final LayerNorm: CMITM's cross-modal decoders. ``memory_mask`` ``(B, M)`` True = a real memory token."""
+
+    def __init__(self, width: int, heads: int, depth: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.TransformerDecoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True,
+                                       norm_first=True) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        pad = None if memory_mask is None else ~memory_mask
+        for layer in self.layers:
+            x = layer(x, memory, memory_key_padding_mask=pad)
+        return self.norm(x)
 
 
 class DuSSSVLM(nn.Module):
@@ -383,6 +487,31 @@ class DuSSSVLM(nn.Module):
             self.patch_local, self.word_local = _mlp(w, e), _mlp(h, e)
             self.prototypes = nn.Linear(e, cfg.mgca_prototypes, bias=False)
             self.normalize_prototypes()
+        self.cmitm = cfg.step1_objective == "cmitm"
+        self.asg = cfg.step1_objective == "asg"
+        if self.cmitm:  # built last, as the MGCA heads
+            # image side: MAE's mask token and decoder positions; the decoder attends to the report's tokens
+            self.mim_mask_token = nn.Parameter(torch.zeros(1, 1, w))
+            self.mim_pos = nn.Parameter(torch.randn(1, grid, w) * 0.02)  # (1, P, W)
+            self.mim_text = nn.Linear(h, w)
+            self.mim_decoder = _CrossDecoder(w, cfg.vit_heads, cfg.cmitm_decoder_depth)
+            self.mim_head = nn.Linear(w, cfg.vit_patch ** 2 * 3)
+            # text side: a small decoder over the frozen states of the masked report, attending to the patches,
+            # with a BERT-style head tied to the encoder's word embeddings (only the bias and transform train)
+            self.mlm_image = nn.Linear(w, h)
+            self.mlm_decoder = _CrossDecoder(h, max(1, h // 64), cfg.cmitm_decoder_depth)
+            self.mlm_transform = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.LayerNorm(h))
+            self.mlm_bias = nn.Parameter(torch.zeros(self.text_encoder.word_embeddings().shape[0]))
+        if self.asg:
+            # regions: patch tokens pooled over a named region; phrases: the frozen sentence vector of the phrase
+            self.region_proj = _mlp(w, e)
+            self.phrase_norm = nn.BatchNorm1d(h, affine=False)
+            self.phrase_proj = _mlp(h, e)
+            # image-tag decoder (Query2Label-style): one learnable query per tag attends to the patch tokens
+            self.tag_queries = nn.Parameter(torch.randn(len(QATA_TAGS), w) * 0.02)
+            self.tag_decoder = _CrossDecoder(w, cfg.vit_heads, 1)
+            self.tag_head = nn.Parameter(torch.randn(len(QATA_TAGS), w) * w ** -0.5)
+            self.tag_bias = nn.Parameter(torch.zeros(len(QATA_TAGS)))
 
     @classmethod
     def from_config(cls, cfg: Config) -> "DuSSSVLM":
@@ -435,6 +564,60 @@ class DuSSSVLM(nn.Module):
             proto_image=self.prototypes(image.s), proto_text=self.prototypes(text.s),  # (B, K)
         )
 
+    def _cmitm_features(self, images: torch.Tensor, patches: torch.Tensor, texts: Sequence[str],
+                        generator: torch.Generator | None) -> CMITMFeatures:
+        """CMITM's masked image and masked language modelling on one batch (full-view ``patches`` ``(B, W, h, w)``
+        condition the text side; the full report conditions the image side)."""
+        cfg, b = self.cfg, images.shape[0]
+        ph, pw = patches.shape[-2:]
+        n = ph * pw
+        mask = random_patch_mask(b, n, cfg.cmitm_mask_ratio, generator, images.device)  # (B, P) True = masked
+        pixel_mask = F.interpolate(mask.view(b, 1, ph, pw).to(images.dtype), size=images.shape[-2:])  # (B, 1, H, W)
+        blanked = images * (1 - pixel_mask) + 0.5 * pixel_mask  # the normalised mean: no content
+        keep = mask.float().argsort(dim=1, stable=True)[:, : n - int(mask[0].sum())]  # (B, Pv) visible, in order
+        visible = self.image_encoder.forward_visible(blanked, keep)[:, 1:]  # (B, Pv, W)
+        tokens = self.mim_mask_token.expand(b, n, -1).to(visible.dtype)  # (B, P, W)
+        tokens = tokens.scatter(1, keep[..., None].expand(-1, -1, visible.shape[-1]), visible)
+        words, word_mask = self.text_encoder.tokens(texts)  # (B, L, H), (B, L)
+        decoded = self.mim_decoder(tokens + self.mim_pos, self.mim_text(words.to(tokens.dtype)), word_mask)
+        pred = self.mim_head(decoded)  # (B, P, patch*patch*3)
+        states, _, ids, positions = self.text_encoder.masked_tokens(texts, cfg.cmitm_mlm_ratio, generator)
+        image_tokens = self.mlm_image(patches.flatten(2).transpose(1, 2))  # (B, P, H)
+        text_out = self.mlm_decoder(states.to(image_tokens.dtype), image_tokens)  # (B, L, H)
+        at_masked = self.mlm_transform(text_out[positions])  # (M, H): the masked pieces only
+        logits = at_masked @ self.text_encoder.word_embeddings().T.to(at_masked.dtype) + self.mlm_bias  # (M, V)
+        return CMITMFeatures(pred=pred, target=patchify(images, cfg.vit_patch), patch_mask=mask,
+                             mlm_logits=logits, mlm_targets=ids[positions], mlm_positions=positions)
+
+    def _asg_features(self, patches: torch.Tensor, texts: Sequence[str]) -> ASGFeatures:
+        """ASG's region/phrase embeddings and image-tag logits of one batch (see :mod:`dusss.anatomy`)."""
+        b, _, ph, pw = patches.shape
+        tokens = patches.flatten(2).transpose(1, 2)  # (B, P, W), row-major
+        pooled, phrases, tags, valid = [], [], [], []
+        for i, text in enumerate(texts):
+            anatomy = report_anatomy(text)
+            valid.append(anatomy is not None)
+            tags.append(anatomy.tags if anatomy is not None else torch.zeros(len(QATA_TAGS)))
+            for phrase, side, zones in (anatomy.phrases if anatomy is not None else []):
+                wts = zone_weights(side, zones, ph, pw).to(tokens.device, tokens.dtype)  # (P,)
+                pooled.append(wts @ tokens[i] / wts.sum())  # (W,): the region's area-weighted mean patch
+                phrases.append(phrase)
+        if pooled:
+            region = F.normalize(self.region_proj(torch.stack(pooled)), dim=-1)  # (R, E)
+            vec = self.text_encoder(phrases)  # (R, H), cached per phrase when frozen
+            # BatchNorm needs two phrases to train on; a lone one is only centred on itself
+            vec = self.phrase_norm(vec) if (len(phrases) > 1 or not self.training) else vec - vec.mean(0)
+            phrase = F.normalize(self.phrase_proj(vec), dim=-1)  # (R, E)
+        else:
+            region = phrase = tokens.new_zeros(0, self.cfg.embed_dim)
+        ids = {p: k for k, p in enumerate(dict.fromkeys(phrases))}
+        queries = self.tag_decoder(self.tag_queries.expand(b, -1, -1).to(tokens.dtype), tokens)  # (B, T, W)
+        tag_logits = (queries * self.tag_head).sum(-1) + self.tag_bias  # (B, T)
+        return ASGFeatures(region=region, phrase=phrase,
+                           phrase_ids=torch.tensor([ids[p] for p in phrases], device=tokens.device, dtype=torch.long),
+                           tag_logits=tag_logits, tags=torch.stack(tags).to(tokens.device),
+                           tag_valid=torch.tensor(valid, device=tokens.device, dtype=torch.bool))
+
     def mask_logits(self, pixel: torch.Tensor, text_g: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Eq. 10 before the sigmoid: ``scale * cos(t_f, v_f) + bias`` per pixel, resized to ``size``."""
         v = F.normalize(pixel, dim=1)  # (B, G, h', w')
@@ -444,20 +627,28 @@ class DuSSSVLM(nn.Module):
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)  # (B, 1, H, W)
 
     def forward(self, images: torch.Tensor, texts: Sequence[str] | None = None, *, ground: bool = True,
-                local: bool = False) -> VLMOutput:
+                local: bool = False, generator: torch.Generator | None = None) -> VLMOutput:
         """Encode a batch of images (and their own reports); with ``ground`` also the Eq.-10 logits, with
-        ``local`` (an MGCA model, reports given) also MGCA's token and prototype features."""
-        if local and not (self.mgca and texts is not None):
-            raise ValueError("local=True needs a VLM built with step1_objective='mgca' and one report per image")
+        ``local`` (an MGCA, CMITM or ASG model, reports given) also the features of its objective (CMITM draws
+        its image and text masks from ``generator``)."""
+        if local and not ((self.mgca or self.cmitm or self.asg) and texts is not None):
+            raise ValueError("local=True needs a VLM built with step1_objective='mgca', 'cmitm' or 'asg' and one "
+                             "report per image")
         image, pixel, patches, patch_attn = self._encode_image(images, ground=ground and texts is not None,
-                                                               local=local)
+                                                               local=local and self.mgca)
         if texts is None:
             return VLMOutput(image, None, None, None, None)
         if len(texts) != images.shape[0]:
             raise ValueError(f"got {images.shape[0]} images but {len(texts)} reports; pass one report per image")
         text, text_g = self.encode_text(texts)
         logits = self.mask_logits(pixel, text_g, images.shape[-2:]) if pixel is not None else None
-        feats = self._mgca_features(image, text, patches, patch_attn, texts) if local else None
+        feats = None
+        if local and self.mgca:
+            feats = self._mgca_features(image, text, patches, patch_attn, texts)
+        elif local and self.cmitm:
+            feats = self._cmitm_features(images, patches, texts, generator)
+        elif local and self.asg:
+            feats = self._asg_features(patches, texts)
         return VLMOutput(image, text, pixel, text_g, logits, feats)
 
     def text_guided_logits(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:

@@ -8,14 +8,13 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import SMOKE_REPORTS
+from conftest import SMOKE_REPORTS, check_text_conditions
 from dusss.config import ConfigError, make_config
 from dusss.evaluate import evaluate_model
 from dusss.experiments.grid import GRIDS
 from dusss.methods import METHODS, Models, StepBatch
 from dusss.runs import ROWS, TABLE1_ROWS, needs_vlm, run_name
-from dusss.textseg import (CLIPSegStudent, ViLTStudent, build_student, extract_layers, needs_text, paper_size_config,
-                           segment)
+from dusss.textseg import (CLIPSegStudent, ViLTStudent, build_student, extract_layers, needs_text, paper_size_config)
 from dusss.unet import UNet, count_parameters
 
 SIZE = 32
@@ -68,16 +67,7 @@ def test_paper_size_models_build_at_224():
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_the_report_conditions_the_prediction(kind):
     model = _model(kind)
-    x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        own = model(x, SMOKE_REPORTS)
-        swapped = model(x, SMOKE_REPORTS[::-1])
-        again = model(x, SMOKE_REPORTS)
-    assert own.shape == (2, 1, SIZE, SIZE) and torch.isfinite(own).all()
-    assert torch.equal(own, again)  # eval mode: deterministic
-    for i in range(2):  # each image's map changes with its report
-        assert (own[i] - swapped[i]).abs().max() > 1e-4
-    assert torch.equal(segment(model, x, SMOKE_REPORTS), own)
+    x = check_text_conditions(model, SIZE)
     with pytest.raises(ValueError, match="one report per image.*1 for 2 images"):
         model(x, SMOKE_REPORTS[:1])
     with pytest.raises(ValueError, match="got none"):

@@ -324,18 +324,18 @@ def test_grid_cost_counts_distinct_runs():
     cost = T.grid_cost({"supervised": 10, "mt": 20, "bcp": 30, "dusss": 40, "pretrain": 50}, datasets=2, seeds=3)
     c = cost.set_index("kind")
     # per data set and seed: supervised at 25 %, 50 %, 100 %; clipseg, vilt at 100 %; mt, bcp, ucmt, cct, mcnet,
-    # ssnet at 2 ratios; dusss 2 (clip) + 2 (mgca) + 2 + 5; 8 VLMs
+    # ssnet, lvit at 2 ratios; dusss 2 (clip) + 2 (cmitm) + 2 (asg) + 2 (mgca) + 2 + 5; 10 VLMs
     assert c.loc["supervised", "runs"] == 18 and c.loc["mt", "runs"] == 12 and c.loc["bcp", "runs"] == 12
     assert c.loc["ucmt", "runs"] == 12 and np.isnan(c.loc["ucmt", "seconds_each"])
-    assert c.loc["clipseg", "runs"] == 6 and c.loc["vilt", "runs"] == 6
-    assert c.loc["dusss", "runs"] == 66 and c.loc["pretrain", "runs"] == 48
+    assert c.loc["clipseg", "runs"] == 6 and c.loc["vilt", "runs"] == 6 and c.loc["lvit", "runs"] == 12
+    assert c.loc["dusss", "runs"] == 90 and c.loc["pretrain", "runs"] == 60
     assert np.isnan(c.loc["total", "hours"])  # a kind without a measurement makes the total unknown
     seconds = {"supervised": 10, "mt": 20, "bcp": 30, "ucmt": 35, "cct": 25, "mcnet": 26, "ssnet": 27, "dusss": 40,
-               "pretrain": 50, "clipseg": 12, "vilt": 13}
+               "pretrain": 50, "clipseg": 12, "vilt": 13, "lvit": 28}
     cost = T.grid_cost(seconds, datasets=2, seeds=3, parallel=2)
     total = cost.set_index("kind").loc["total"]
-    assert total["hours"] == pytest.approx((18 * 10 + 12 * 20 + 12 * 30 + 12 * 35 + 12 * (25 + 26 + 27) + 66 * 40
-                                            + 48 * 50 + 6 * (12 + 13)) / 3600)
+    assert total["hours"] == pytest.approx((18 * 10 + 12 * 20 + 12 * 30 + 12 * 35 + 12 * (25 + 26 + 27 + 28) + 90 * 40
+                                            + 60 * 50 + 6 * (12 + 13)) / 3600)
     assert total["wall_hours"] == pytest.approx(total["hours"] / 2)  # two runs at a time
 
 
@@ -353,9 +353,11 @@ def test_results_page_is_rebuilt_whole_in_docs_and_the_readme_is_never_touched(t
     assert page.read_text() == first and first.startswith("# Tables 1 and 2") and T.GENERATED_NOTE in first
     assert "60.00 (1 seed)" in first and "[results.md](results.md)" in first
     # every paper row without an implementation is named as typed only, and no implemented one is
+    # every paper row is implemented; those without a run at this profile are named as not measured
     line = next(x for x in first.splitlines() if x.startswith("**Not measured here.**"))
-    listed = line.split("Table 1 rows ", 1)[1].split(" have no implementation", 1)[0].split(", ")
-    assert listed == ["LViT", "CMITM", "ASG"]
+    assert "have no implementation" not in line
+    listed = line.split("The rows ", 1)[1].split(" are implemented but", 1)[0].split(", ")
+    assert "MT" not in listed and "U-Net" in listed and {"CLIP", "ViLT", "LViT", "CMITM", "ASG", "MGCA"} <= set(listed)
     page.write_text(first + "hand edit\n")
     _fake_run("demo", "qata-synth", "mt", 0.5, 2, 0.7, 0.6)
     T.write_outputs(T.render_tables(T.load_runs("demo"), table1_rows=["mt"], table1_ratios=[0.5],
@@ -382,8 +384,8 @@ def test_grid_adopts_runs_finished_outside_it_without_training(tmp_outputs):
 
 def test_text_guided_rows_train_in_folders_of_their_own(tmp_outputs):
     # rows that differ only in their VLM must never share (and retrain over) one run folder
-    folders = {row: run_config("smoke", "qata-synth", row, 0.5, 666, {}).out_dir for row in ("clip", "mgca", "sss", "dcl", "dusss")}
-    assert len(set(folders.values())) == 5, folders
+    folders = {row: run_config("smoke", "qata-synth", row, 0.5, 666, {}).out_dir for row in ("clip", "mgca", "cmitm", "asg", "sss", "dcl", "dusss")}
+    assert len(set(folders.values())) == 7, folders
     assert all(f.endswith(run_name(row, 0.5, 666)) for row, f in folders.items())
     assert run_config("smoke", "qata-synth", "mt", 0.5, 666, {}).out_dir == ""  # other rows keep the default folder
 

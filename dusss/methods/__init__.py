@@ -6,7 +6,7 @@ Adding a method is one module here (or anywhere: a package of your own) and one
 
 >>> from dusss.methods import METHODS
 >>> sorted(METHODS)
-['bcp', 'cct', 'clipseg', 'dusss', 'mcnet', 'mt', 'ssnet', 'supervised', 'ucmt', 'vilt']
+['bcp', 'cct', 'clipseg', 'dusss', 'lvit', 'mcnet', 'mt', 'ssnet', 'supervised', 'ucmt', 'vilt']
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from .cct import CCT
 from .clipseg import CLIPSeg
 from .dusss import DuSSS
 from .mcnet import MCNet
+from .lvit import LViT
 from .mean_teacher import MeanTeacher
 from .ssnet import SSNet
 from .supervised import Supervised
@@ -54,5 +55,5 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
-for _cls in (DuSSS, MeanTeacher, Supervised, BCP, UCMT, CCT, MCNet, SSNet, CLIPSeg, ViLT):
+for _cls in (DuSSS, MeanTeacher, Supervised, BCP, UCMT, CCT, MCNet, SSNet, CLIPSeg, ViLT, LViT):
     register(_cls)

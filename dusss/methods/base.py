@@ -48,7 +48,12 @@ class StepBatch:
     steps_per_epoch`` as a float (ramp-ups are written in epochs).
     ``texts_l`` the reports of the labelled images, rewritten for their
     augmentation (None unless the student reads text: a method whose
-    ``student`` is text-conditioned, :mod:`dusss.textseg`).
+    ``student`` is text-conditioned, :mod:`dusss.textseg`). For such a student
+    and a method with ``uses_unlabelled``, also ``texts_u`` the unlabelled
+    images' reports rewritten alike, ``idx_u`` (Bu,) each unlabelled image's
+    position in the unlabelled split (a stable identity across epochs) and
+    ``aug_u`` the augmentation parameter dict each was drawn with
+    (:func:`dusss.data.augment.apply_params_batch` reads them); None otherwise.
     """
 
     x_l: Tensor
@@ -59,6 +64,9 @@ class StepBatch:
     total_steps: int
     epoch: float
     texts_l: list[str] | None = None
+    texts_u: list[str] | None = None
+    idx_u: Tensor | None = None
+    aug_u: list[dict] | None = None
 
 
 @dataclass
