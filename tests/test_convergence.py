@@ -38,7 +38,7 @@ def test_read_history_keeps_the_curve_columns_and_nan_for_a_method_without_teach
     _history_csv(tmp_path / "run", [0.1, 0.3, 0.2])
     h = C.read_history(tmp_path / "run")
     assert list(h) == list(C.HISTORY_COLUMNS) and h["epoch"] == [1.0, 2.0, 3.0] and h["val_dice"] == [0.1, 0.3, 0.2]
-    assert all(np.isnan(h["diag_teacher_dice"]))
+    assert all(np.isnan(h["diag_teacher_dice"])) and all(np.isnan(h["diag_text_dice"]))
     assert C.read_history(tmp_path / "absent") == {}
 
 
@@ -60,6 +60,10 @@ def test_attach_fills_missing_histories_once_and_summary_tells_plateau_from_stil
     assert s.loc["mt", "gain_last3"] == pytest.approx(100 * (0.7 - 0.4))
     assert s.loc["unet", "stopped_early"] == 1 and s.loc["unet", "best_at_last_epoch"] == 0
     assert s.loc["unet", "gain_last3"] < 0
+    pl = C.pseudo_label_summary(hist).set_index("row")  # at each run's best epoch
+    assert pl.loc["mt", "teacher_dice"] == pytest.approx(60) and pl.loc["mt", "val_dice"] == pytest.approx(70)
+    assert np.isnan(pl.loc["mt", "text_dice"]) and np.isnan(pl.loc["unet", "teacher_dice"])
+    assert pl.loc["unet", "val_dice"] == pytest.approx(70) and pl.loc["unet", "runs"] == 1
     fig = C.plot_convergence(hist, "toy")
     assert len(fig.axes) == 2 and fig.axes[0].get_legend_handles_labels()[1]  # one share: two panels, a legend
 

@@ -32,9 +32,11 @@ from ..runs import ROWS, row_spec
 from ..utils import atomic_write_json, repo_root
 
 __all__ = ["HISTORY_COLUMNS", "read_history", "attach_histories", "load_histories", "convergence_summary",
-           "plot_convergence"]
+           "pseudo_label_summary", "plot_convergence"]
 
-HISTORY_COLUMNS = ("epoch", "lr", "val_dice", "diag_teacher_dice")  # kept per epoch in each results file
+# kept per epoch in each results file: the learning rate, validation Dice and the pseudo-label diagnostics (Dice of
+# the teacher's, the text-guided and the merged labels of the unlabelled images against their hidden masks)
+HISTORY_COLUMNS = ("epoch", "lr", "val_dice", "diag_teacher_dice", "diag_text_dice", "diag_merged_dice")
 
 
 def read_history(folder: str | Path) -> dict[str, list[float]]:
@@ -53,7 +55,8 @@ def _folder(result: dict) -> Path:
 
 
 def attach_histories(profile: str, datasets: Iterable[str] | None = None) -> int:
-    """Add ``history`` to every results file of ``profile`` that lacks it, read from its run folder's
+    """Add ``history`` to every results file of ``profile`` that lacks it (or lacks a column of
+    :data:`HISTORY_COLUMNS`), read from its run folder's
     ``history.csv`` (``out_dir`` in the file); returns how many files were updated. Files whose run folder is
     not on this machine are left as they are."""
     root = results_dir() / "runs"
@@ -63,7 +66,7 @@ def attach_histories(profile: str, datasets: Iterable[str] | None = None) -> int
             continue
         for path in sorted(folder.glob("*.json")):
             result = json.loads(path.read_text())
-            if result.get("history") or not result.get("out_dir"):
+            if set(HISTORY_COLUMNS) <= set(result.get("history") or {}) or not result.get("out_dir"):
                 continue
             history = read_history(_folder(result))
             if history and len(history["epoch"]) == int(result.get("epochs_run", len(history["epoch"]))):
@@ -82,7 +85,8 @@ def _row_of(result: dict, stem: str) -> str:
 
 def load_histories(profile: str, dataset: str, rows: Iterable[str] | None = None) -> pd.DataFrame:
     """One line per (row, share, seed, epoch) of the runs of ``dataset`` at ``profile`` that carry a history:
-    columns ``row``, ``label``, ``ratio``, ``seed``, ``epoch``, ``val_dice``, ``teacher_dice`` (points),
+    columns ``row``, ``label``, ``ratio``, ``seed``, ``epoch``, ``val_dice``, ``teacher_dice``, ``text_dice``,
+    ``merged_dice`` (points; NaN where a method has no such label),
     ``lr``, ``best_epoch``, ``epochs_run``, ``stopped_early``. ``rows`` None = every row."""
     folder = results_dir() / "runs" / f"{dataset}-{profile}"
     keep = None if rows is None else set(rows)
@@ -97,11 +101,14 @@ def load_histories(profile: str, dataset: str, rows: Iterable[str] | None = None
         for i, epoch in enumerate(history["epoch"]):
             out.append({"row": row, "label": label, "ratio": float(result["ratio"]), "seed": int(result["seed"]),
                         "epoch": int(epoch), "val_dice": 100 * history["val_dice"][i],
-                        "teacher_dice": 100 * history["diag_teacher_dice"][i], "lr": history["lr"][i],
+                        "teacher_dice": 100 * history["diag_teacher_dice"][i],
+                        "text_dice": 100 * history.get("diag_text_dice", [float("nan")] * len(history["epoch"]))[i],
+                        "merged_dice": 100 * history.get("diag_merged_dice", [float("nan")] * len(history["epoch"]))[i],
+                        "lr": history["lr"][i],
                         "best_epoch": int(result.get("best_epoch", -1)), "epochs_run": int(result["epochs_run"]),
                         "stopped_early": bool(result.get("stopped_early", False))})
-    cols = ["row", "label", "ratio", "seed", "epoch", "val_dice", "teacher_dice", "lr", "best_epoch", "epochs_run",
-            "stopped_early"]
+    cols = ["row", "label", "ratio", "seed", "epoch", "val_dice", "teacher_dice", "text_dice", "merged_dice", "lr",
+            "best_epoch", "epochs_run", "stopped_early"]
     return pd.DataFrame(out, columns=cols)
 
 
@@ -121,6 +128,20 @@ def convergence_summary(hist: pd.DataFrame) -> pd.DataFrame:
                     "stopped_early": int(per["early"].sum()), "best_at_last_epoch": int((per["best"] == per["last"]).sum()),
                     "median_best_epoch": float(per["best"].median()), "median_epochs_run": float(per["last"].median()),
                     "gain_last3": float(np.mean(gains)) if gains else float("nan")})
+    return pd.DataFrame(out, columns=cols).sort_values(["ratio", "row"], kind="stable").reset_index(drop=True)
+
+
+def pseudo_label_summary(hist: pd.DataFrame) -> pd.DataFrame:
+    """Per (row, share): the mean over seeds, at each run's best epoch, of validation Dice and of the Dice of
+    the teacher's, the text-guided and the merged pseudo labels of the unlabelled images (points; NaN for a
+    label a method does not make), and the runs counted. Why a semi-supervised row wins or loses is read here:
+    a text-guided mask below the teacher's label pulls the merged label down."""
+    cols = ["row", "label", "ratio", "runs", "val_dice", "teacher_dice", "text_dice", "merged_dice"]
+    best = hist[hist["epoch"] == hist["best_epoch"]]
+    out = []
+    for (row, ratio), g in best.groupby(["row", "ratio"], sort=False):
+        out.append({"row": row, "label": g["label"].iloc[0], "ratio": ratio, "runs": int(g["seed"].nunique()),
+                    **{k: float(g[k].mean()) for k in cols[4:]}})
     return pd.DataFrame(out, columns=cols).sort_values(["ratio", "row"], kind="stable").reset_index(drop=True)
 
 
