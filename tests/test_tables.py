@@ -412,3 +412,19 @@ def test_grid_sets_aside_a_run_folder_trained_with_other_settings_and_keeps_a_re
     assert moved.parent == tmp_outputs / "runs" / "archive" / "stale" / folder.parent.name
     assert moved.name.startswith(folder.name + "-") and (moved / "last.pt").read_bytes() == b"old run"
     assert T.set_aside_stale(cfg) is None  # nothing left to move
+
+
+def test_adopting_finished_runs_never_moves_a_folder_of_other_settings_but_the_grid_command_does(tmp_outputs):
+    from dusss.experiments import grid
+    cfg = run_config("smoke", "qata-synth", "unet", 0.25, 7, {"epochs": 1, "num_threads": 1})
+    folder = T.ssmis_dir(cfg)
+    T.train_ssmis(cfg.replace(lr=cfg.lr / 2), progress=False)  # a finished run of other settings in the row's folder
+    before = (folder / "metrics.json").read_text()
+    T.run_grid("smoke", ["qata-synth"], [7], table1_rows=["unet"], table1_ratios=[0.25], table2_rows=[],
+               overrides={"epochs": 1, "num_threads": 1}, run_missing=False, progress=False)
+    assert (folder / "metrics.json").read_text() == before  # left alone: not adopted, not moved
+    assert not run_file("smoke", "qata-synth", "unet", 0.25, 7).is_file()
+    result = grid._run_job("smoke", "qata-synth", "unet", 0.25, 7, {"epochs": 1}, 1)
+    assert result["epochs_run"] == 1 and run_file("smoke", "qata-synth", "unet", 0.25, 7).is_file()
+    moved = list((tmp_outputs / "runs" / "archive" / "stale" / folder.parent.name).iterdir())
+    assert len(moved) == 1 and (moved[0] / "metrics.json").read_text() == before

@@ -9,7 +9,8 @@
   interrupted run continues from its ``last.pt`` (Step 2 resumes exactly).
   A run folder left by other settings (its results file deleted after the
   row's defaults changed) is moved to ``runs/archive/stale/`` and the run
-  trained afresh (:func:`dusss.experiments.tables.set_aside_stale`).
+  trained afresh (:func:`dusss.experiments.tables.set_aside_stale`); only this
+  command does so, for a run it is about to train.
 - ``--workers N`` runs N runs side by side, each in its own process with
   ``cores // N`` torch threads (two processes with two threads each on two
   cores run at a fraction of the speed of two with one).
@@ -35,7 +36,7 @@ from ..pretrain import pretrain
 from ..runs import (ROWS, TABLE1_ROWS, TABLE2_ROWS, default_vlm_checkpoint, needs_vlm, pretrain_config, run_config,
                     run_file, run_name)
 from ..utils import get_logger
-from .tables import run_one
+from .tables import run_one, set_aside_stale
 
 __all__ = ["GRIDS", "LOWEST_SHARE", "grid_jobs", "run_jobs", "parse_seeds", "run"]
 
@@ -122,7 +123,10 @@ def _pretrain_job(profile: str, dataset: str, row: str, share: float, seed: int,
 
 
 def _run_job(profile: str, dataset: str, row: str, share: float, seed: int, overrides: dict, threads: int) -> dict:
-    return run_one(profile, dataset, row, share, seed, overrides={**overrides, "num_threads": threads})
+    overrides = {**overrides, "num_threads": threads}
+    if not run_file(profile, dataset, row, share, seed).is_file():  # about to train: a stale folder must not stop it
+        set_aside_stale(run_config(profile, dataset, row, share, seed, overrides))
+    return run_one(profile, dataset, row, share, seed, overrides=overrides)
 
 
 def run_jobs(profile: str, jobs: list[tuple], *, workers: int = 1, overrides: dict | None = None,

@@ -92,8 +92,6 @@ def run_one(profile: str, dataset: str, row: str, ratio: float, seed: int, *,
     if path.is_file() and not rerun:
         return json.loads(path.read_text())
     cfg = run_config(profile, dataset, row, ratio, seed, overrides or {})
-    if not rerun:
-        set_aside_stale(cfg)
     pre_s = 0.0
     if needs_vlm(row) and not default_vlm_checkpoint(cfg).is_file():
         t0 = time.perf_counter()
@@ -117,8 +115,11 @@ def set_aside_stale(cfg: Config) -> Path | None:
     The folder is kept, not deleted, under
     ``runs/archive/stale/<dataset>-<profile>/<name>-<time>``; returns that path,
     or None when there is nothing to set aside (no folder, or one this config
-    may resume). Only the harness does this: ``train_ssmis`` itself still
-    refuses, so a hand-run folder is never moved behind its owner's back.
+    may resume). Only the grid command does this
+    (:func:`dusss.experiments.grid.run_jobs`, for a run it is about to train):
+    ``train_ssmis`` itself still refuses, and :func:`run_grid`'s adoption of
+    finished folders never moves one, so a hand-run folder is never moved
+    behind its owner's back.
     """
     folder = ssmis_dir(cfg)
     saved = folder / "config.json"
