@@ -185,7 +185,7 @@ class Config:
     # the five keys above and below: the issue-20 study's choice (docs/step2_ssmis.md#consistency-settings)
     perturb: str = _step2("noise")  # views of an unlabelled image: "noise" on the teacher's | "strong" student view | "none"
     noise_std: float = _step2(0.1)  # perturbation noise sd, relative to each image's own sd (clipped at 2 sd)
-    bn_batch: str = _step2("separate")  # MT/DuSSS student forward: "separate" BatchNorm batches for labelled and unlabelled | "joint"
+    bn_batch: str = _step2("separate")  # MT, DuSSS, CCT, MC-Net, SS-Net: labelled and unlabelled images as "separate" BatchNorm batches | "joint" (their authors)
     min_epochs: int = _step2(10, budget=True)  # no early stopping before this many epochs
     patience: int = _step2(5, budget=True)  # early stopping on validation Dice after min_epochs (paper: 20)
     threshold: float = _step2(0.5)  # probability threshold for masks and metrics

@@ -24,6 +24,7 @@ SIZE = 32
 
 
 def _cfg(method, **kw):
+    kw.setdefault("bn_batch", "joint")  # the hand computations below follow the authors' one BatchNorm batch
     return make_config("smoke", image_size=SIZE, unet_base=4, method=method, **kw)
 
 
@@ -337,3 +338,38 @@ def test_method_trains_in_the_loop_and_resumes_exactly(method, data_root, tmp_pa
     pd.testing.assert_frame_equal(history.drop(columns="seconds"), again.drop(columns="seconds"))
     assert resumed["test_dice"] == full["test_dice"] and resumed["val_dice"] == full["val_dice"]
     assert math.isfinite(history["cons_weight"].iloc[-1]) and history["cons_weight"].iloc[-1] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("method", ["cct", "mcnet", "ssnet"])
+def test_bn_batch_separate_normalises_labelled_and_unlabelled_images_as_two_batches(method):
+    x_l, y_l, x_u = _data(n_l=2, n_u=3)
+    sizes = {}
+    for mode in ("joint", "separate"):
+        cfg = _cfg(method, bn_batch=mode)
+        torch.manual_seed(0)
+        student, m = build_unet(cfg), METHODS[method](cfg)
+        seen = []
+        first_bn = next(mod for mod in student.modules() if isinstance(mod, torch.nn.BatchNorm2d))
+        hook = first_bn.register_forward_hook(lambda mod, inp, out: seen.append(len(inp[0])))
+        out = m.step(Models(student, student, None), _batch(x_l, y_l, x_u, epoch=2.0))
+        hook.remove()
+        assert torch.isfinite(out.loss)
+        sizes[mode] = seen
+    assert set(sizes["joint"]) == {5}  # every forward: 2 labelled + 3 unlabelled images in one batch
+    assert set(sizes["separate"]) == {2, 3} and sizes["separate"].count(2) == sizes["separate"].count(3)
+
+
+def test_bn_batches_is_one_call_of_the_concatenation_or_the_concatenation_of_two_calls():
+    from dusss.methods.base import bn_batches
+    calls = []
+
+    def fn(x):
+        calls.append(len(x[0]) if isinstance(x, list) else len(x))
+        return [t * 2 for t in x] if isinstance(x, list) else (x * 2, x + 1)
+
+    a, b = torch.ones(2, 1), torch.zeros(3, 1)
+    joint, separate = bn_batches(fn, a, b, False), bn_batches(fn, a, b, True)
+    assert calls == [5, 2, 3] and all(torch.equal(j, s) for j, s in zip(joint, separate))
+    assert isinstance(separate, tuple) and separate[0].shape == (5, 1)
+    out = bn_batches(fn, [a, a], [b, b], True)  # lists of maps (the encoder's skips)
+    assert isinstance(out, list) and len(out) == 2 and out[0].shape == (5, 1)

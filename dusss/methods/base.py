@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from ..config import Config
 
-__all__ = ["StepBatch", "StepOutput", "Models", "Method", "method_parameters", "optimizer_groups", "build_owned"]
+__all__ = ["StepBatch", "StepOutput", "Models", "Method", "method_parameters", "optimizer_groups", "build_owned",
+           "bn_batches"]
 
 
 @dataclass
@@ -169,3 +170,26 @@ def build_owned(cfg: Config, device: torch.device | str, seed: int, build: Calla
         module = build()
     memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
     return module.to(device).to(memory_format=memory).train()
+
+
+def _cat(a, b):
+    """Concatenate along the batch two outputs of one structure: tensors, or lists / tuples of them."""
+    if isinstance(a, Tensor):
+        return torch.cat([a, b])
+    return type(a)(_cat(x, y) for x, y in zip(a, b))
+
+
+def bn_batches(fn: Callable, first, second, separate: bool):
+    """``fn`` of the labelled part ``first`` and the unlabelled part ``second`` as one BatchNorm batch or two.
+
+    ``first`` and ``second`` are tensors (or lists of tensors, e.g. the
+    encoder's skips) with the batch first; the result is ``fn`` of their
+    concatenation (``separate=False``: one batch, as the methods' authors run
+    them) or the concatenation of ``fn(first)`` and ``fn(second)``
+    (``separate=True``: the config's ``bn_batch="separate"``, the Step-2
+    default the consistency study chose; issue 20), outputs of the same
+    structure as ``fn``'s (a tensor, or a list / tuple of them).
+    """
+    if separate:
+        return _cat(fn(first), fn(second))
+    return fn(_cat(first, second))

@@ -24,8 +24,9 @@ Loss, with ``p = σ(z)`` and ``K = cct_aux``::
 unlabelled images, to the main decoder's *detached* probability (CCT's
 ``output_ul.detach()``; SSL4MIS lets the gradient reach the main decoder too);
 ``w(t) = cct_weight · exp(−5(1 − t)²)`` ramped over ``ssl_rampup_epochs`` (default: the whole run, as its authors; not the Mean-Teacher ``rampup_epochs``)
-(SSL4MIS: 0.1 over the run). Labelled and unlabelled images pass the encoder
-as one batch. The auxiliary decoders are trained by the loop's optimiser
+(SSL4MIS: 0.1 over the run). Labelled and unlabelled images pass the network
+as one BatchNorm batch with ``bn_batch="joint"`` (as its authors), as two with
+``"separate"`` (the Step-2 default, :func:`dusss.methods.base.bn_batches`). The auxiliary decoders are trained by the loop's optimiser
 through the method's ``parameters()`` hook (:mod:`dusss.methods.base`); their
 weights and the perturbation generator are in :meth:`CCT.state_dict`.
 Deviations from SSL4MIS: BCE instead of (CE + Dice) / 2, Adam and the
@@ -42,7 +43,7 @@ from torch import Tensor, nn
 from ..config import Config
 from ..losses import SupervisedSegLoss, consistency_loss, sigmoid_rampup
 from ..unet import build_decoder
-from .base import Models, StepBatch, StepOutput, build_owned
+from .base import Models, StepBatch, StepOutput, bn_batches, build_owned
 
 __all__ = ["CCT", "FEATURE_PERTURBATIONS", "FeaturePerturbation"]
 
@@ -125,10 +126,15 @@ class CCT:
         return self.decoders.parameters()
 
     def step(self, models: Models, batch: StepBatch) -> StepOutput:
-        student, n_l = models.student, len(batch.x_l)
-        feats = student.encode(torch.cat([batch.x_l, batch.x_u]))  # 5 maps of Bl + Bu images
-        z_main = student.decode(feats).float()  # (Bl + Bu, 1, H, W) the main decoder sees the clean features
-        z_aux = [dec(self.perturb(kind, feats)).float() for dec, kind in zip(self.decoders, self.kinds)]
+        student, n_l, sep = models.student, len(batch.x_l), self.cfg.bn_batch == "separate"
+
+        def parts(feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+            return [f[:n_l] for f in feats], [f[n_l:] for f in feats]
+
+        feats = bn_batches(student.encode, batch.x_l, batch.x_u, sep)  # 5 maps of Bl + Bu images
+        z_main = bn_batches(student.decode, *parts(feats), sep).float()  # (Bl + Bu, 1, H, W) from the clean features
+        z_aux = [bn_batches(dec, *parts(self.perturb(kind, feats)), sep).float()
+                 for dec, kind in zip(self.decoders, self.kinds)]
         l_main = self.sup(z_main[:n_l], batch.y_l)
         l_sup = (l_main + sum(self.sup(z[:n_l], batch.y_l) for z in z_aux)) / (1 + len(z_aux))
         target = torch.sigmoid(z_main[n_l:]).detach()  # (Bu, 1, H, W)

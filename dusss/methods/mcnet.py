@@ -8,7 +8,9 @@ conv; the network that is validated, saved and tested), then
 :class:`dusss.unet.UNetDecoder` copies with a 1x1 conv followed by bilinear,
 nearest and bicubic interpolation (the authors' ``up_type`` 1, 2, 3; 3 decoders
 = MC-Net+, 2 = MC-Net). Loss, with ``p_d = σ(z_d)`` over the whole batch
-(labelled and unlabelled, as the authors' code)::
+(labelled and unlabelled; one BatchNorm batch with ``bn_batch="joint"``, as the
+authors' code, two with ``"separate"``, the Step-2 default,
+:func:`dusss.methods.base.bn_batches`)::
 
     L = Σ_d L_sup(z_d) + w(t) · Σ_{i ≠ j} mean((p_i − sharpen(p_j))²)
     sharpen(p) = p^{1/T} / (p^{1/T} + (1 − p)^{1/T}),  T = mcnet_temperature (0.1)
@@ -37,7 +39,7 @@ from torch import Tensor, nn
 from ..config import Config
 from ..losses import SupervisedSegLoss, sigmoid_rampup
 from ..unet import UPSAMPLING, build_decoder
-from .base import Models, StepBatch, StepOutput, build_owned
+from .base import Models, StepBatch, StepOutput, bn_batches, build_owned
 
 __all__ = ["MCNet", "sharpen", "mutual_consistency"]
 
@@ -82,9 +84,11 @@ class MCNet:
         return self.decoders.parameters()
 
     def step(self, models: Models, batch: StepBatch) -> StepOutput:
-        student, n_l = models.student, len(batch.x_l)
-        feats = student.encode(torch.cat([batch.x_l, batch.x_u]))  # 5 maps of Bl + Bu images
-        logits = [student.decode(feats).float()] + [dec(feats).float() for dec in self.decoders]  # (Bl + Bu, 1, H, W)
+        student, n_l, sep = models.student, len(batch.x_l), self.cfg.bn_batch == "separate"
+        feats = bn_batches(student.encode, batch.x_l, batch.x_u, sep)  # 5 maps of Bl + Bu images
+        f_l, f_u = [f[:n_l] for f in feats], [f[n_l:] for f in feats]
+        logits = [bn_batches(dec, f_l, f_u, sep).float()
+                  for dec in [student.decode, *self.decoders]]  # each (Bl + Bu, 1, H, W)
         sups = [self.sup(z[:n_l], batch.y_l) for z in logits]
         l_sup = torch.stack(sups).sum()
         l_mc = mutual_consistency(logits, self.cfg.mcnet_temperature)

@@ -4,11 +4,11 @@ The student learns from the labelled images with ``L_sup`` (Eq. 14) and from
 the unlabelled ones by consistency with the EMA teacher's prediction (Eqs.
 12-13) on a perturbed view (:mod:`dusss.methods.consistency`: ``perturb``,
 ``noise_std``, ``cons_loss``, ``cons_weight``, ``rampup_epochs``). With
-``bn_batch="joint"`` (default, as in Mean Teacher and SSL4MIS) labelled and
+``bn_batch="joint"`` (as in Mean Teacher and SSL4MIS) labelled and
 unlabelled images go through the student as one batch, so BatchNorm
-normalises them together; ``"separate"`` forwards them as two batches, for
-data whose labelled and unlabelled batches can differ in stain or modality
-(``nuclei-real`` mixes H&E and fluorescence). Under DistributedDataParallel
+normalises them together; ``"separate"`` (the default, the consistency
+study's choice: every joint-batch recipe scored below labelled-only on
+``nuclei-real``, which mixes H&E and fluorescence) forwards them as two batches. Under DistributedDataParallel
 the two forwards feed one backward, so each parameter's gradient is reduced
 once (tests/test_ddp_training.py trains ``mt`` with ``"separate"``).
 """

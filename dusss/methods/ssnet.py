@@ -17,6 +17,9 @@ The student U-Net alone segments; SS-Net adds two terms, with ``p = σ(z)``::
   ``p``: ``D(a, b) = mean_c [1 − (2 Σ a_c b_c + s) / (Σ a_c² + Σ b_c² + s)]``,
   ``s = 1e-10``, sums over the whole batch. BatchNorm running statistics are not
   updated by the perturbed forward passes (the authors' ``_disable_tracking_bn_stats``).
+  Every forward takes labelled and unlabelled images as one BatchNorm batch with
+  ``bn_batch="joint"`` (as the authors), as two with ``"separate"`` (the Step-2
+  default, :func:`dusss.methods.base.bn_batches`).
 - **Class separation** ``L_sep`` on the last decoder features ``f``
   (``UNet.decode(.., features=True)``, one vector per pixel): a projection head
   ``g`` and a prediction head ``h`` (Linear-BN-ReLU-Linear, width
@@ -51,7 +54,7 @@ prototypes and the random generator are in :meth:`SSNet.state_dict`.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import ClassVar
 
@@ -61,7 +64,7 @@ from torch import Tensor, nn
 
 from ..config import Config
 from ..losses import SupervisedSegLoss, sigmoid_rampup
-from .base import Models, StepBatch, StepOutput, build_owned
+from .base import Models, StepBatch, StepOutput, bn_batches, build_owned
 
 __all__ = ["SSNet", "soft_dice_distance", "adversarial_perturbation", "frozen_bn_stats", "class_prototypes",
            "separation_loss", "N_CLASSES"]
@@ -100,7 +103,7 @@ def frozen_bn_stats(model: nn.Module):
             m.track_running_stats = True
 
 
-def adversarial_perturbation(model: nn.Module, x: Tensor, p: Tensor, *, xi: float, eps: float, iterations: int,
+def adversarial_perturbation(model: nn.Module | Callable[[Tensor], Tensor], x: Tensor, p: Tensor, *, xi: float, eps: float, iterations: int,
                              generator: torch.Generator) -> Tensor:
     """The VAT perturbation ``ε d`` of ``x`` (B, C, H, W) against the prediction ``p`` (B, 1, H, W): norm ε per image.
 
@@ -200,17 +203,21 @@ class SSNet:
         self.valid = self.valid | fresh
 
     def step(self, models: Models, batch: StepBatch) -> StepOutput:
-        student, n_l = models.student, len(batch.x_l)
+        student, n_l, sep = models.student, len(batch.x_l), self.cfg.bn_batch == "separate"
+
+        def forward(inp: Tensor) -> Tensor:  # the student on labelled + unlabelled images, as bn_batch says
+            return bn_batches(student, inp[:n_l], inp[n_l:], sep)
+
         x = torch.cat([batch.x_l, batch.x_u])  # (Bl + Bu, 3, H, W)
-        z, f = student.decode(student.encode(x), features=True)  # (B, 1, H, W) logits, (B, base, H, W) features
-        z = z.float()
+        z, f = bn_batches(lambda xx: student.decode(student.encode(xx), features=True), batch.x_l, batch.x_u, sep)
+        z = z.float()  # (B, 1, H, W) logits; f (B, base, H, W) features
         l_sup = self.sup(z[:n_l], batch.y_l)
         p = torch.sigmoid(z).detach()  # (B, 1, H, W)
 
         with frozen_bn_stats(student):
-            r_adv = adversarial_perturbation(student, x, p, xi=self.cfg.ssnet_xi, eps=self.cfg.ssnet_eps,
+            r_adv = adversarial_perturbation(forward, x, p, xi=self.cfg.ssnet_xi, eps=self.cfg.ssnet_eps,
                                              iterations=self.cfg.ssnet_ip, generator=self.generator)
-            l_lds = soft_dice_distance(torch.sigmoid(student(x + r_adv.to(x.dtype)).float()), p)
+            l_lds = soft_dice_distance(torch.sigmoid(forward(x + r_adv.to(x.dtype)).float()), p)
 
         pred = (p > self.cfg.threshold).long()  # (B, 1, H, W) hard predictions / pseudo labels
         self.update_prototypes(f[:n_l], batch.y_l, pred[:n_l])
