@@ -14,7 +14,9 @@ Image Segmentation", IJCAI 2023 (github.com/Senyh/UCMT). Settings:
   most uncertain by the r-th most certain), the pseudo labels likewise;
 - each student: ``L_sup`` (Eq. 14) on the labelled images plus, ramped up like
   ``L_semi`` (``cons_weight``, ``rampup_epochs``), BCE to the pseudo labels on the
-  unlabelled and on the UMIX images (the mean of the two).
+  unlabelled and on the UMIX images (the mean of the two); the students see the
+  labelled and unlabelled images as one BatchNorm batch with ``bn_batch="joint"``,
+  as two with ``"separate"`` (the Step-2 default, :func:`dusss.methods.base.bn_batches`).
 
 The first student is the network that is validated, saved and tested.
 """
@@ -29,7 +31,7 @@ from torch import Tensor
 from ..config import Config
 from ..losses import SupervisedSegLoss
 from ..unet import build_unet
-from .base import Models, StepBatch, StepOutput
+from .base import Models, StepBatch, StepOutput, bn_batches
 from .consistency import consistency_weight
 
 __all__ = ["UCMT", "umix", "binary_entropy"]
@@ -114,8 +116,9 @@ class UCMT:
         x_l, y_l, x_u = batch.x_l, batch.y_l, batch.x_u
         weight = consistency_weight(self.cfg, batch.epoch)
         n_l = len(x_l)
-        z1 = student(torch.cat([x_l, x_u])).float()  # (Bl + Bu, 1, H, W)
-        z2 = self.student2(torch.cat([x_l, x_u])).float()
+        sep = self.cfg.bn_batch == "separate"  # one BatchNorm batch (joint, as its authors) or two
+        z1 = bn_batches(student, x_l, x_u, sep).float()  # (Bl + Bu, 1, H, W)
+        z2 = bn_batches(self.student2, x_l, x_u, sep).float()
         with torch.no_grad():
             y_u = (torch.sigmoid(teacher(x_u)) > self.threshold).to(x_u.dtype)  # (Bu, 1, H, W)
             p_mean = (torch.sigmoid(z1[n_l:]) + torch.sigmoid(z2[n_l:])) / 2
