@@ -65,7 +65,7 @@ from .distributed import DistInfo, ddp_wrap, init_distributed, is_main_process, 
 from .errors import MissingCheckpointError
 from .evaluate import evaluate_model, load_student
 from .losses import ema_update
-from .methods import METHODS, Method, Models, StepBatch, get_method, optimizer_groups
+from .methods import METHODS, Method, Models, StepBatch, get_method, method_revision, optimizer_groups
 from .metrics import binarize, dice_of_masks
 from .runs import default_vlm_checkpoint, ssmis_dir
 from .textseg import build_student, needs_text, segment
@@ -423,11 +423,17 @@ def _train_ssmis(cfg: Config, method_cls: type[Method], info: DistInfo, *, progr
 
     state = None
     digest = _vlm_digest(cfg)
+    revision = method_revision(method_cls)
     if cfg.resume and last_path.is_file():
         state = load_checkpoint(last_path)
         _check_resumable(state["config"], cfg, last_path)
         if state.get("vlm_digest", "") != digest:
             log.warning("the VLM checkpoint changed since %s was written; training afresh", last_path)
+            state = None
+        elif int(state.get("method_revision", 1)) != revision:
+            log.warning("%s was written by revision %s of method %s, this is revision %d (its training changed "
+                        "with the same settings); training afresh", last_path, state.get("method_revision", 1),
+                        cfg.method, revision)
             state = None
         elif "streams" not in state:
             log.warning("%s was written by an older version of the loop; training afresh", last_path)
@@ -516,7 +522,7 @@ def _train_ssmis(cfg: Config, method_cls: type[Method], info: DistInfo, *, progr
             "scheduler": scheduler.state_dict(), "method": method.state_dict(),
             "epoch": epoch, "global_step": global_step, "best_dice": best_dice, "best_epoch": best_epoch,
             "bad_epochs": bad_epochs, "stopped_early": stopped_early, "finished": finished, "history": history,
-            "vlm_digest": digest, "streams": {k: s.state_dict() for k, s in streams.items()},
+            "vlm_digest": digest, "method_revision": revision, "streams": {k: s.state_dict() for k, s in streams.items()},
             "rng": {"torch": torch.get_rng_state(), **{k: a.generator.get_state() for k, a in augmenters.items()}},
         }
 
@@ -626,7 +632,7 @@ def _train_ssmis(cfg: Config, method_cls: type[Method], info: DistInfo, *, progr
         "pseudo_label_decline": bool(declines), "pseudo_label_decline_epochs": declines,
         "train_seconds": float(sum(r["seconds"] for r in history)), "step_seconds": step_seconds,
         "data_seconds": data_seconds, "text_cache_seconds": cache_seconds,
-        "text_cache": cfg.text_cache, "vlm_digest": digest, "steps_per_epoch": steps, "total_steps": total_steps,
+        "text_cache": cfg.text_cache, "vlm_digest": digest, "method_revision": revision, "steps_per_epoch": steps, "total_steps": total_steps,
         "out_dir": _portable(out),
     }
     metrics["run_seconds"] = time.time() - t_start

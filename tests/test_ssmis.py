@@ -118,6 +118,20 @@ def test_resume_refuses_a_folder_of_other_settings(env, dusss_run):
         train_ssmis(_cfg(env, "dusss-a", ratio=0.5), progress=False)
 
 
+def test_a_run_of_another_method_revision_is_trained_afresh_not_resumed(env, monkeypatch):
+    from dusss.methods.supervised import Supervised
+    cfg = _cfg(env, "revision", method="supervised", vlm_checkpoint="", epochs=1)
+    first = train_ssmis(cfg, progress=False)
+    last = env["root"] / "revision" / "last.pt"
+    stamp = os.stat(last).st_mtime_ns
+    reused = train_ssmis(cfg, progress=False)  # returned as it is
+    assert first["method_revision"] == reused["method_revision"] == 1 and reused["test_dice"] == first["test_dice"]
+    assert os.stat(last).st_mtime_ns == stamp
+    monkeypatch.setattr(Supervised, "revision", 2, raising=False)  # the method's training changed
+    again = train_ssmis(cfg, progress=False)
+    assert again["method_revision"] == 2 and os.stat(last).st_mtime_ns != stamp
+
+
 @pytest.mark.parametrize("method", ["mt", "supervised"])
 def test_baselines_share_the_loop(env, method):
     metrics = train_ssmis(_cfg(env, method, method=method, vlm_checkpoint=""), progress=False)

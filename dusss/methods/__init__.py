@@ -11,7 +11,7 @@ Adding a method is one module here (or anywhere: a package of your own) and one
 from __future__ import annotations
 
 from ..config import ConfigError, register_choices
-from .base import Method, Models, StepBatch, StepOutput, method_parameters, optimizer_groups
+from .base import Method, Models, StepBatch, StepOutput, method_parameters, method_revision, optimizer_groups
 from .bcp import BCP
 from .cct import CCT
 from .clipseg import CLIPSeg
@@ -25,7 +25,7 @@ from .ucmt import UCMT
 from .vilt import ViLT
 
 __all__ = ["METHODS", "register", "get_method", "Method", "Models", "StepBatch", "StepOutput", "method_parameters",
-           "optimizer_groups"]
+           "method_revision", "optimizer_groups"]
 
 METHODS: dict[str, type[Method]] = {}
 

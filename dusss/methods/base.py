@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ..config import Config
 
 __all__ = ["StepBatch", "StepOutput", "Models", "Method", "method_parameters", "optimizer_groups", "build_owned",
-           "bn_batches"]
+           "bn_batches", "method_revision"]
 
 
 @dataclass
@@ -111,7 +111,11 @@ class Method(Protocol):
     loop builds, validates, saves and :func:`dusss.evaluate.load_student`
     rebuilds (a key of :data:`dusss.textseg.STUDENTS`; absent = ``"unet"``);
     a text-conditioned student is called ``forward(x, texts)`` and the loop
-    fills :attr:`StepBatch.texts_l` for it.
+    fills :attr:`StepBatch.texts_l` for it. Optional attribute: ``revision``
+    (absent = 1), raised when a change to the method alters what it trains
+    under the same settings; the loop saves it with every checkpoint and
+    trains afresh rather than resume a run of another revision
+    (:func:`method_revision`).
     """
 
     name: ClassVar[str]
@@ -193,3 +197,8 @@ def bn_batches(fn: Callable, first, second, separate: bool):
     if separate:
         return _cat(fn(first), fn(second))
     return fn(_cat(first, second))
+
+
+def method_revision(method: object) -> int:
+    """The ``revision`` a method class (or instance) declares, 1 when it declares none."""
+    return int(getattr(method, "revision", 1))

@@ -111,6 +111,7 @@ class CCT:
     uses_teacher: ClassVar[bool] = False
     uses_text: ClassVar[bool] = False
     distributed: ClassVar[bool] = False
+    revision: ClassVar[int] = 2  # 2: reads bn_batch (default two BatchNorm batches); 1 always used one
 
     def __init__(self, cfg: Config, device: torch.device | str = "cpu") -> None:
         self.cfg = cfg

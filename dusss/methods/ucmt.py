@@ -88,6 +88,7 @@ class UCMT:
     uses_teacher: ClassVar[bool] = True
     uses_text: ClassVar[bool] = False
     distributed: ClassVar[bool] = False
+    revision: ClassVar[int] = 2  # 2: reads bn_batch (default two BatchNorm batches); 1 always used one
 
     def __init__(self, cfg: Config, device: torch.device | str = "cpu") -> None:
         with torch.random.fork_rng(devices=[]):  # its own initialisation, leaving the loop's RNG untouched
