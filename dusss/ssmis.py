@@ -67,6 +67,7 @@ from .evaluate import evaluate_model, load_student
 from .losses import ema_update
 from .methods import METHODS, Method, Models, StepBatch, get_method, method_revision, optimizer_groups
 from .metrics import binarize, dice_of_masks
+from .paths import runs_dir
 from .runs import default_vlm_checkpoint, ssmis_dir
 from .textseg import build_student, needs_text, segment
 from .unet import build_unet, count_parameters
@@ -364,11 +365,16 @@ def _check_resumable(saved: dict, cfg: Config, path: Path) -> None:
 
 
 def _portable(path: Path) -> str:
-    """``path`` relative to the checkout when it lies inside it (results files must not hold machine paths)."""
-    try:
-        return str(Path(path).resolve().relative_to(repo_root().resolve()))
-    except ValueError:
-        return str(path)
+    """``path`` relative to the checkout when it lies inside it, else relative to the folder holding the runs
+    root (``$DUSSS_RUNS`` pointing at another checkout's ``runs/``, as a grid run from a frozen copy does):
+    results files must not hold machine paths. Any other path is kept as it is."""
+    resolved = Path(path).resolve()
+    for base in (repo_root(), runs_dir().parent):
+        try:
+            return str(resolved.relative_to(base.resolve()))
+        except ValueError:
+            continue
+    return str(path)
 
 
 def _lr_factor(cfg: Config, total_steps: int):

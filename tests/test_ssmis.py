@@ -223,3 +223,12 @@ def test_bf16_autocast_trains_the_unet_in_bf16(env, monkeypatch):
     assert dtypes and set(dtypes) == {torch.bfloat16}
     assert history["loss"].notna().all() and (history["loss"] > 0).all()
     assert 0.0 <= metrics["test_dice"] <= 1.0
+
+
+def test_results_files_hold_paths_relative_to_the_checkout_or_to_the_runs_root(tmp_path, monkeypatch):
+    from dusss.ssmis import _portable
+    from dusss.utils import repo_root
+    monkeypatch.setenv("DUSSS_RUNS", str(tmp_path / "other" / "runs"))  # a grid run from a frozen copy
+    assert _portable(tmp_path / "other" / "runs" / "ssmis" / "a") == "runs/ssmis/a"
+    assert _portable(repo_root() / "runs" / "ssmis" / "b") == "runs/ssmis/b"
+    assert _portable(tmp_path / "elsewhere") == str(tmp_path / "elsewhere")
