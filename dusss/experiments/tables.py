@@ -41,7 +41,6 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.ticker import NullLocator
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from ..config import Config, make_config, parse_overrides, resume_differences
@@ -54,8 +53,9 @@ from ..runs import (ROWS, TABLE1_ROWS, TABLE2_ROWS, default_vlm_checkpoint, need
                     run_config, run_file, run_name, ssmis_dir)
 from ..ssmis import train_ssmis
 from ..stats import paired_difference, t_interval
-from ..unet import build_unet, count_parameters
+from ..unet import build_unet
 from ..utils import atomic_write_json, atomic_write_text, get_logger, repo_root
+from .complexity import count_complexity
 from .convergence import read_history
 
 __all__ = ["PAPER_NAMES", "PAPER_ONLY", "run_one", "set_aside_stale", "run_grid", "load_runs", "summarise", "render_tables", "complexity",
@@ -563,18 +563,16 @@ def coverage(tables: Mapping[str, pd.DataFrame], seeds: Iterable[int]) -> str:
 def complexity(cfg: Config | None = None, image_size: int = 224) -> dict[str, float]:
     """Parameters (M) and multiply-accumulates / FLOPs (G) of the segmentation U-Net on one ``image_size`` image.
 
-    Counted with ``torch.utils.flop_counter.FlopCounterMode``, which counts a
-    multiply-add as 2 FLOPs (convolutions and matrix products only); ``gmacs``
-    is half of it. ``cfg`` None = the ``paper`` profile's U-Net (base 64), the
-    network of the paper's Table 1. Beside them the paper's 14.75 M / 25.19 G.
+    The one line under Table 1 (the U-Net every U-Net row tests with); counted
+    by :func:`dusss.experiments.complexity.count_complexity` (2 FLOPs per
+    multiply-add; ``gmacs`` is half of it), which also counts every other row
+    (``python -m dusss complexity``). ``cfg`` None = the ``paper`` profile's
+    U-Net (base 64), the network of the paper's Table 1. Beside them the
+    paper's 14.75 M / 25.19 G.
     """
     cfg = cfg or make_config("paper")
-    model = build_unet(cfg).eval()
-    x = torch.zeros(1, 3, image_size, image_size)  # (1, 3, S, S)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    flops = counter.get_total_flops()
-    return {"unet_base": cfg.unet_base, "image_size": image_size, "params_m": count_parameters(model) / 1e6,
+    params, flops = count_complexity(build_unet(cfg), (torch.zeros(1, 3, image_size, image_size),))
+    return {"unet_base": cfg.unet_base, "image_size": image_size, "params_m": params / 1e6,
             "gflops": flops / 1e9, "gmacs": flops / 2e9, "paper_params_m": 14.75, "paper_g": 25.19}
 
 
