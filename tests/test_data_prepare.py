@@ -30,7 +30,7 @@ def test_prepare_qata_keeps_lvit_text_and_lvit_val_images(tmp_path):
 
 def test_prepare_qata_without_text_writes_reports_from_masks_and_a_seeded_val(tmp_path):
     a = prepare_qata(FIX / "qata_raw", tmp_path / "a", None, seed=1)
-    b = prepare_qata(FIX / "qata_raw", tmp_path / "b", None, seed=1)
+    prepare_qata(FIX / "qata_raw", tmp_path / "b", None, seed=1)
     assert a == {"train": 4, "val": 1, "test": 2}
     assert [s.name for s in scan_split(tmp_path / "a", "val")] == [s.name for s in scan_split(tmp_path / "b", "val")]
     assert all("pulmonary infection" in s.text for s in scan_split(tmp_path / "a", "train"))

@@ -329,7 +329,11 @@ def test_grid_cost_counts_distinct_runs():
     assert c.loc["ucmt", "runs"] == 12 and np.isnan(c.loc["ucmt", "seconds_each"])
     assert c.loc["clipseg", "runs"] == 6 and c.loc["vilt", "runs"] == 6 and c.loc["lvit", "runs"] == 12
     assert c.loc["dusss", "runs"] == 90 and c.loc["pretrain", "runs"] == 60
-    assert np.isnan(c.loc["total", "hours"])  # a kind without a measurement makes the total unknown
+    assert np.isnan(c.loc["total", "hours"])  # a kind without a measurement makes the total unknown ...
+    unpriced = ["ucmt", "cct", "mcnet", "ssnet", "lvit", "clipseg", "vilt"]
+    assert c.loc["total", "unpriced_runs"] == c.loc[unpriced, "runs"].sum() == 5 * 12 + 2 * 6
+    # ... and the priced kinds give its lower bound
+    assert c.loc["total", "priced_hours"] == pytest.approx((18 * 10 + 12 * 20 + 12 * 30 + 90 * 40 + 60 * 50) / 3600)
     seconds = {"supervised": 10, "mt": 20, "bcp": 30, "ucmt": 35, "cct": 25, "mcnet": 26, "ssnet": 27, "dusss": 40,
                "pretrain": 50, "clipseg": 12, "vilt": 13, "lvit": 28}
     cost = T.grid_cost(seconds, datasets=2, seeds=3, parallel=2)
@@ -337,6 +341,7 @@ def test_grid_cost_counts_distinct_runs():
     assert total["hours"] == pytest.approx((18 * 10 + 12 * 20 + 12 * 30 + 12 * 35 + 12 * (25 + 26 + 27 + 28) + 90 * 40
                                             + 60 * 50 + 6 * (12 + 13)) / 3600)
     assert total["wall_hours"] == pytest.approx(total["hours"] / 2)  # two runs at a time
+    assert total["priced_hours"] == pytest.approx(total["hours"]) and total["unpriced_runs"] == 0
 
 
 def test_results_page_is_rebuilt_whole_in_docs_and_the_readme_is_never_touched(tmp_outputs, monkeypatch):

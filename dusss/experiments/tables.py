@@ -783,6 +783,10 @@ def grid_cost(seconds: Mapping[str, float], *, datasets: int, seeds: int,
     with ``runs``, ``seconds_each``, ``hours`` (the sum of the runs' times) and
     ``wall_hours`` (``hours / parallel``: the wall time with ``parallel`` runs at
     a time, when ``seconds`` were measured at that load) and a ``total`` row.
+    A kind missing from ``seconds`` has NaN hours and makes the total's
+    ``hours`` NaN (unknown); the total row's ``priced_hours`` sums the kinds
+    that have seconds (a lower bound then) and ``unpriced_runs`` counts the runs
+    of the kinds that have none.
     """
     names: dict[str, str] = {}
     vlms = set()
@@ -800,7 +804,8 @@ def grid_cost(seconds: Mapping[str, float], *, datasets: int, seeds: int,
              "hours": n * k * seconds.get(kind, float("nan")) / 3600} for kind, n in sorted(counts.items())]
     df = pd.DataFrame(rows)
     total = pd.DataFrame([{"kind": "total", "runs": int(df["runs"].sum()), "seconds_each": float("nan"),
-                           "hours": df["hours"].sum(min_count=len(df))}])
+                           "hours": df["hours"].sum(min_count=len(df)), "priced_hours": float(df["hours"].sum()),
+                           "unpriced_runs": int(df.loc[df["hours"].isna(), "runs"].sum())}])
     df = pd.concat([df, total], ignore_index=True)
     return df.assign(wall_hours=df["hours"] / max(int(parallel), 1))
 
