@@ -8,7 +8,8 @@ import pytest
 
 from dusss.experiments import tables as T
 from dusss.paper_tables import paper_table1, paper_table2
-from dusss.runs import ROWS, run_config, run_file, run_name
+from dusss.paths import runs_dir
+from dusss.runs import ROWS, TABLE1_ROWS, run_config, run_file, run_name
 
 
 @pytest.fixture
@@ -191,7 +192,9 @@ def test_row_contrasts_pair_seeds_at_the_same_label_share_and_match_the_full_lab
     _fake_run("demo", "qata-synth", "unet100", 1.0, 1, 0.80, 0.70)
     t = T.render_tables(T.load_runs("demo"), table2_rows=[])
     c = t["contrasts"].set_index(["row_a", "row_b", "ratio"])
-    assert set(c.index.get_level_values("ratio")) == {0.25, 0.5}  # the shares the runs have
+    # the shares the runs have; 1.0 only for the pairs of two 100 % rows (CLIP / ViLT - U-Net 100 %)
+    assert set(c.index.get_level_values("ratio")) == {0.25, 0.5, 1.0}
+    assert {(a, b) for a, b, q in c.index if q == 1.0} == {("clipseg", "unet100"), ("vilt", "unet100")}
     half = c.loc[("dusss", "mt", 0.5)]
     # per-seed differences -4 and -3: mean -3.5, sd 1 / sqrt(2), half-width t(0.975, 1) * 0.5
     assert half["ours"] == pytest.approx(-3.5) and half["paper"] == pytest.approx(82.52 - 79.64)
@@ -228,6 +231,7 @@ def test_row_contrasts_pair_seeds_at_the_same_label_share_and_match_the_full_lab
 
 def test_headline_contrasts_cover_every_label_share_of_the_runs():
     assert {("dusss", "mt"), ("mt", "unet"), ("dusss", "clip")} <= set(T.CONTRASTS)
+    assert set(TABLE1_ROWS) <= {r for pair in T.CONTRASTS for r in pair}  # every row of Table 1 is compared
     rows = []
     for ratio in (0.05, 0.1, 0.25, 0.5):
         for row in ("unet", "mt", "dusss", "clip"):
@@ -378,13 +382,15 @@ def test_grid_adopts_runs_finished_outside_it_without_training(tmp_outputs):
     from dusss.config import make_config
     from dusss.ssmis import train_ssmis
 
-    m = train_ssmis(make_config("smoke", method="supervised", ratio=0.25, seed=9, epochs=1, num_threads=1),
+    m = train_ssmis(make_config("smoke", method="supervised", ratio=0.25, seed=9, num_threads=1),  # the grid's budget
                     progress=False)
+    saved = {p: p.stat().st_mtime_ns for p in runs_dir().rglob("*") if p.is_file()}  # the run's folder and more
     runs = T.run_grid("smoke", ["qata-synth"], [9], table1_rows=["unet", "mt"], table1_ratios=[0.25],
                       table2_rows=[], run_missing=False, progress=False)
     assert list(runs["run"]) == ["supervised-r0.25-s9"]  # adopted; mt was never run and is not trained
     assert runs["test_dice"].iloc[0] == pytest.approx(m["test_dice"])
-    assert json.loads(run_file("smoke", "qata-synth", "unet", 0.25, 9).read_text())["ssmis_seconds"] < 5
+    # not trained again: every file under the runs folder is untouched (no checkpoint, history or metrics rewritten)
+    assert any(p.name == "best.pt" for p in saved) and {p: p.stat().st_mtime_ns for p in saved} == saved
 
 
 def test_text_guided_rows_train_in_folders_of_their_own(tmp_outputs):

@@ -474,8 +474,14 @@ def _effects_markdown(effects: pd.DataFrame) -> str:
 # the headline ones first: does DuSSS beat Mean Teacher, does Mean Teacher beat the labelled part alone, does
 # DuSSS's Step 1 beat a CLIP-style one
 HEADLINE_CONTRASTS = (("dusss", "mt"), ("mt", "unet"), ("dusss", "clip"))
-CONTRASTS = HEADLINE_CONTRASTS + (("unet100", "unet"), ("dusss", "bcp"), ("dusss", "ucmt"), ("dusss", "unet"),
-                                  ("dusss", "unet100"), ("mt", "bcp"))  # unet100 - unet: the headroom (issue 16)
+CONTRASTS = (HEADLINE_CONTRASTS
+             + (("unet100", "unet"), ("dusss", "bcp"), ("dusss", "ucmt"), ("dusss", "unet"),  # unet100 - unet: headroom
+                ("dusss", "unet100"), ("mt", "bcp"))
+             # Table 1's other semi-supervised rows: does each beat the labelled part alone, and does DuSSS beat it?
+             + tuple((r, "unet") for r in ("bcp", "ucmt", "cct", "mcnet", "ssnet", "lvit"))
+             + tuple(("dusss", r) for r in ("cct", "mcnet", "ssnet", "lvit", "cmitm", "asg", "mgca"))
+             # the text-conditioned students at 100 % labels against the U-Net at 100 %
+             + (("clipseg", "unet100"), ("vilt", "unet100")))
 
 
 def row_contrasts(runs: pd.DataFrame, pairs: Iterable[tuple[str, str]] = CONTRASTS, *,
